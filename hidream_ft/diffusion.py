@@ -1,0 +1,112 @@
+"""The training objective of HiDream-O1 as pure functions.
+
+The model predicts the clean image x0 in patch space. With σ ∈ (0, 1] and noise scale s:
+    z_σ = (1 - σ)·x0 + σ·s·ε,   model timestep t = 1 - σ,   loss = MSE(x̂0, x0) on target tokens,
+or, optionally, the velocity-space form ‖x̂0 - x0‖² / max(σ, floor)² (v = (x0 - z)/σ).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+
+PATCH_SIZE = 32
+
+
+def patchify(images: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Tensor:
+    """[B, C, H, W] → [B, (H/p)·(W/p), C·p·p]: row-major patches, each token channel-major."""
+    _, _, h, w = images.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {w}x{h} is not a multiple of the patch size {patch_size}")
+    return rearrange(images, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=patch_size, p2=patch_size)
+
+
+def unpatchify(tokens: torch.Tensor, height: int, width: int, patch_size: int = PATCH_SIZE) -> torch.Tensor:
+    """Inverse of :func:`patchify` for an image of ``height`` × ``width`` pixels."""
+    return rearrange(
+        tokens, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=height // patch_size, w=width // patch_size,
+        p1=patch_size, p2=patch_size,
+    )
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """The flow-matching resolution shift σ' = s·σ / (1 + (s - 1)·σ); shift 1 is the identity."""
+    if shift == 1.0:
+        return sigmas
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sample_sigmas(
+    batch_size: int,
+    *,
+    method: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    shift: float = 1.0,
+    sigma_min: float = 0.001,
+    sigma_max: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Draw one σ per sample: uniform (the paper's SFT) or logit-normal (its pretraining), then shift and clamp."""
+    if method == "uniform":
+        u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    elif method == "logit_normal":
+        u = torch.sigmoid(logit_mean + logit_std * torch.randn(batch_size, generator=generator, dtype=torch.float64))
+    else:
+        raise ValueError(f"unknown timestep sampling method {method!r}; expected 'uniform' or 'logit_normal'")
+    sigmas = shift_sigmas(u, shift)
+    # Uniform draws are mapped into [min, max] rather than clipped, so no probability piles up at the ends.
+    sigmas = sigma_min + (sigma_max - sigma_min) * sigmas
+    return sigmas.to(device=device, dtype=torch.float32)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, noise_scale: float = 8.0) -> torch.Tensor:
+    """z_σ = (1 - σ)·x0 + σ·noise_scale·ε with one σ per sample (broadcast over tokens and channels)."""
+    s = sigmas.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s) * x0 + s * noise_scale * noise
+
+
+def model_timestep(sigmas: torch.Tensor) -> torch.Tensor:
+    """The timestep the model is conditioned on: the clean fraction 1 - σ."""
+    return 1.0 - sigmas
+
+
+def diffusion_loss(
+    x_pred: torch.Tensor,
+    x0: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    kind: str = "x0",
+    sigma_floor: float = 0.05,
+    token_mask: torch.Tensor | None = None,
+    sample_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean squared error on the target tokens, in fp32.
+
+    ``token_mask`` [B, N] selects which tokens count (padding or reference tokens are excluded);
+    ``kind="velocity"`` weights each sample by 1/max(σ, floor)², the loss on v = (x - z)/σ.
+    """
+    err = (x_pred.float() - x0.float()).pow(2).mean(dim=-1)  # [B, N]
+    if token_mask is None:
+        per_sample = err.mean(dim=1)
+    else:
+        mask = token_mask.to(err.dtype)
+        per_sample = (err * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+    if kind == "velocity":
+        per_sample = per_sample / sigmas.float().clamp_min(sigma_floor).pow(2)
+    elif kind != "x0":
+        raise ValueError(f"unknown loss kind {kind!r}; expected 'x0' or 'velocity'")
+    if sample_weights is not None:
+        return (per_sample * sample_weights.float()).sum() / sample_weights.float().sum().clamp_min(1e-12)
+    return per_sample.mean()
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0, scale: float = 1000.0):
+    """Sinusoidal features [cos, sin] of scale·t, as the `<|tms_token|>` embedder expects (cosines first)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = scale * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)

@@ -1,0 +1,144 @@
+"""HiDream-O1-Image: stock transformers Qwen3-VL modules plus the three HiDream heads.
+
+The module tree mirrors the official checkpoint (``model.visual``, ``model.language_model``,
+``model.t_embedder1``, ``model.x_embedder``, ``model.final_layer2``, ``lm_head``), so state-dict keys and
+PEFT adapter keys come out identical to the official ``Qwen3VLForConditionalGeneration`` layout.
+Only the generation forward is ours: the stock decoder layers are called one by one with the hybrid
+attention of :mod:`hidream_ft.model.attention` and fp32 mRoPE.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Qwen3VLConfig
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel, Qwen3VLVisionModel
+
+from hidream_ft.diffusion import PATCH_SIZE
+from hidream_ft.model.attention import ATTENTION_NAME, build_attention_layout
+from hidream_ft.model.heads import BottleneckPatchEmbed, FinalLayer, TimestepEmbedder
+
+PATCH_DIM = 3 * PATCH_SIZE * PATCH_SIZE
+
+
+def rope_parameters(text_config) -> tuple[float, list[int]]:
+    """(rope_theta, mrope_section) from either the transformers 5.x or the 4.57-style config fields."""
+    params = dict(getattr(text_config, "rope_parameters", None) or {})
+    params.update(getattr(text_config, "rope_scaling", None) or {})
+    theta = params.get("rope_theta", getattr(text_config, "rope_theta", None))
+    section = params.get("mrope_section")
+    if theta is None or section is None:
+        raise ValueError("text_config needs rope_theta and rope_scaling.mrope_section")
+    return float(theta), list(section)
+
+
+def mrope_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section: list[int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleaved 3-D rotary tables from [3, B, S] positions, computed in fp32.
+
+    Frequency slot j uses the H coordinate when j ≡ 1 (mod 3), W when j ≡ 2 (mod 3), both below
+    3·section, and T otherwise; the slots are then duplicated for rotate-half.
+    """
+    freqs = position_ids[..., None].float() * inv_freq.float()  # [3, B, S, D/2]
+    mixed = freqs[0].clone()
+    for axis in (1, 2):
+        slots = slice(axis, mrope_section[axis] * 3, 3)
+        mixed[..., slots] = freqs[axis, ..., slots]
+    emb = torch.cat([mixed, mixed], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class HiDreamO1Backbone(nn.Module):
+    """The official ``Qwen3VLModel`` with the HiDream heads as attributes (checkpoint prefix ``model.``)."""
+
+    def __init__(self, config: Qwen3VLConfig):
+        super().__init__()
+        text = config.text_config
+        self.visual = Qwen3VLVisionModel(config.vision_config)
+        self.language_model = Qwen3VLTextModel(text)
+        self.t_embedder1 = TimestepEmbedder(text.hidden_size)
+        self.x_embedder = BottleneckPatchEmbed(PATCH_DIM, text.hidden_size)
+        self.final_layer2 = FinalLayer(text.hidden_size, PATCH_DIM)
+
+
+class HiDreamO1(nn.Module):
+    def __init__(self, config: Qwen3VLConfig, tms_token_id: int, attention: str = "split"):
+        super().__init__()
+        self.config = config
+        self.tms_token_id = tms_token_id
+        self.attention = attention
+        self.model = HiDreamO1Backbone(config)
+        text = config.text_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        text._attn_implementation = ATTENTION_NAME
+        theta, self.mrope_section = rope_parameters(text)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        # A plain attribute, not a buffer: it must stay fp32 whatever dtype the module is cast to (spec §8.7).
+        self.inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
+        self.inv_freq = self.inv_freq.float()
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.language_model.layers
+
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+        """ViT condition features: (merged embeddings [n, H], DeepStack features, one [n, H] per early layer)."""
+        visual = self.model.visual
+        out = visual(pixel_values.to(visual.patch_embed.proj.weight.dtype), grid_thw=image_grid_thw)
+        if isinstance(out, tuple):  # transformers releases that return (embeds, deepstack)
+            return out[0], list(out[1])
+        return out.pooler_output, list(out.deepstack_features)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        vinputs: torch.Tensor,
+        timestep: torch.Tensor,
+        token_types: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        output_tokens: int | None = None,
+    ) -> torch.Tensor:
+        """Predict the clean patches of the image tokens.
+
+        input_ids [B, T] (text part, left-padded, ending in `<|tms_token|>`); position_ids [3, B, T+N];
+        vinputs [B, N, 3072] (noisy target then clean references); timestep [B] (= 1 - σ);
+        token_types [B, T+N] (0 text, >0 tms/image); attention_mask [B, T+N] (1 = real token, 0 = padding)
+        or None; pixel_values/image_grid_thw: ViT condition images for edit/IP layouts.
+        Returns x_pred [B, output_tokens or N, 3072] for the first image tokens.
+        """
+        lm = self.model.language_model
+        num_text = input_ids.shape[1]
+        embeds = lm.embed_tokens(input_ids)
+        deepstack, visual_mask = [], None
+        if pixel_values is not None:
+            image_embeds, deepstack = self.encode_images(pixel_values, image_grid_thw)
+            visual_mask = (input_ids == self.config.image_token_id)[..., None]
+            embeds = embeds.masked_scatter(visual_mask, image_embeds.to(embeds.dtype))
+        t_emb = self.model.t_embedder1(timestep).to(embeds.dtype)
+        embeds = torch.where((input_ids == self.tms_token_id)[..., None], t_emb[:, None, :], embeds)
+        patches = self.model.x_embedder(vinputs.to(self.model.x_embedder.proj1.weight.dtype))
+        hidden = torch.cat([embeds, patches.to(embeds.dtype)], dim=1)
+
+        self.inv_freq = self.inv_freq.to(hidden.device)
+        rotary = mrope_cos_sin(position_ids, self.inv_freq, self.mrope_section, hidden.dtype)
+        layout = build_attention_layout(self.attention, num_text, token_types, attention_mask)
+        for index, layer in enumerate(self.decoder_layers):
+            hidden = layer(hidden, position_embeddings=rotary, attention_mask=layout)
+            if index < len(deepstack):
+                hidden = _add_deepstack(hidden, visual_mask, deepstack[index])
+
+        end = num_text + (output_tokens if output_tokens is not None else vinputs.shape[1])
+        # The head acts per token, so only the image rows are normalised and projected.
+        return self.model.final_layer2(lm.norm(hidden[:, num_text:end]))
+
+
+def _add_deepstack(hidden: torch.Tensor, visual_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Add DeepStack features at the ViT placeholder positions of the text part (out of place)."""
+    num_text = visual_mask.shape[1]
+    text = hidden[:, :num_text]
+    addend = torch.zeros_like(text).masked_scatter(visual_mask, features.to(text.dtype))
+    return torch.cat([text + addend, hidden[:, num_text:]], dim=1)

@@ -1,0 +1,157 @@
+"""Token layouts: (prompt, size[, references]) → input_ids, 3-D positions and token types (spec §3).
+
+Usable on its own, e.g. to drive the model from another pipeline:
+
+    layout = build_t2i_layout(tokenizer, tokens, "a red fox", height=1024, width=1024)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hidream_ft.diffusion import PATCH_SIZE
+
+FIX_POINT = 4096  # image tokens sit at positions ≥ 4096 whatever the prompt length
+TEXT_TYPE, TARGET_TYPE, REFERENCE_TYPE, TIMESTEP_TYPE = 0, 1, 2, 3
+EMPTY_PROMPT = " "  # what the official pipeline uses for the unconditional (CFG) branch
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Token ids the layout needs, read from the tokenizer and model config (never hard-coded)."""
+
+    boi: int
+    tms: int
+    vision_start: int
+    vision_end: int
+    image_pad: int
+    pad: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, config) -> "SpecialTokens":
+        def lookup(token: str) -> int:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                raise ValueError(f"tokenizer has no special token {token!r}; is this a HiDream-O1 tokenizer?")
+            return token_id
+
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else lookup("<|endoftext|>")
+        return cls(
+            boi=lookup("<|boi_token|>"),
+            tms=lookup("<|tms_token|>"),
+            vision_start=config.vision_start_token_id,
+            vision_end=config.vision_end_token_id,
+            image_pad=config.image_token_id,
+            pad=pad,
+        )
+
+
+@dataclass
+class SampleLayout:
+    input_ids: torch.Tensor  # [L] text part, ending in boi, tms
+    position_ids: torch.Tensor  # [3, L + N]
+    token_types: torch.Tensor  # [L + N]: 0 text, 3 tms, 1 target, 2 references
+    num_target_tokens: int
+
+
+def rope_index_fix_point(
+    token_ids: list[int],
+    grids: list[tuple[int, int, int]],
+    skips: list[int],
+    image_pad_id: int,
+    fix_point: int = FIX_POINT,
+) -> torch.Tensor:
+    """3-D mRoPE positions [3, len(token_ids)] for a sequence whose images are placeholder runs.
+
+    Each image is a run of ``image_pad_id`` of length t·h·w (its first slot may be a vision-start token).
+    With skip 0 (a ViT condition image) the vision-start before the run is a text token and the grid follows
+    it, as in stock Qwen-VL. With skip 1 (target and references) the vision-start slot is grid cell (0, 0);
+    the first such image is anchored at ``fix_point`` and later ones continue after the previous grid.
+    """
+    pieces: list[torch.Tensor] = []
+    next_position, start, anchor = 0, 0, fix_point
+    for (t, h, w), skip in zip(grids, skips, strict=True):
+        end = token_ids.index(image_pad_id, start)
+        text_len = max(0, end - start - skip)
+        base = next_position
+        if text_len:
+            pieces.append(torch.arange(base, base + text_len).expand(3, -1))
+        if skip and anchor:
+            offset, anchor = anchor, 0
+        else:
+            offset = base + text_len
+        grid_t, grid_h, grid_w = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        grid = torch.stack([grid_t.flatten(), grid_h.flatten(), grid_w.flatten()]) + offset
+        pieces.append(grid)
+        next_position = int(grid.max()) + 1
+        start = end + t * h * w
+    if start < len(token_ids):
+        base = next_position
+        pieces.append(torch.arange(base, base + len(token_ids) - start).expand(3, -1))
+    return torch.cat(pieces, dim=1).long()
+
+
+def chat_prompt_ids(tokenizer, tokens: SpecialTokens, content, max_text_tokens: int | None = None) -> list[int]:
+    """Chat-templated user turn + generation prompt + `<|boi_token|><|tms_token|>`, as token ids."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokens.boi, tokens.tms]
+    if ids.count(tokens.tms) != 1:
+        raise ValueError("the prompt must contain exactly one <|tms_token|>; remove it from the caption")
+    if max_text_tokens is not None and len(ids) > max_text_tokens:
+        raise ValueError(f"prompt is {len(ids)} tokens, over data.max_text_tokens = {max_text_tokens}")
+    return ids
+
+
+def truncate_caption(tokenizer, caption: str, max_caption_tokens: int) -> str:
+    ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
+    return caption if len(ids) <= max_caption_tokens else tokenizer.decode(ids[:max_caption_tokens])
+
+
+def image_grid(height: int, width: int) -> tuple[int, int]:
+    if height % PATCH_SIZE or width % PATCH_SIZE or height <= 0 or width <= 0:
+        raise ValueError(f"image size {width}x{height} is not a positive multiple of {PATCH_SIZE}")
+    return height // PATCH_SIZE, width // PATCH_SIZE
+
+
+def build_t2i_layout(
+    tokenizer, tokens: SpecialTokens, prompt: str, height: int, width: int, max_text_tokens: int | None = None
+) -> SampleLayout:
+    """The text-to-image sequence: chat prompt, boi, tms, then (H/32)·(W/32) target tokens."""
+    ids = chat_prompt_ids(tokenizer, tokens, prompt, max_text_tokens)
+    return layout_from_ids(ids, tokens, target=image_grid(height, width), references=[], vit_grids=[])
+
+
+def layout_from_ids(
+    ids: list[int],
+    tokens: SpecialTokens,
+    target: tuple[int, int],
+    references: list[tuple[int, int]],
+    vit_grids: list[tuple[int, int]],
+) -> SampleLayout:
+    """Positions and types for text ``ids`` (ViT placeholders included) followed by target and reference patches.
+
+    ``vit_grids`` are the merged (h, w) grids of the ViT condition images inside ``ids``, in order.
+    """
+    if len(ids) >= FIX_POINT:
+        raise ValueError(f"the text part is {len(ids)} tokens; it must stay below the {FIX_POINT} image anchor")
+    num_text = len(ids)
+    image_grids = [target, *references]
+    padded = list(ids)
+    for h, w in image_grids:
+        padded += [tokens.vision_start] + [tokens.image_pad] * (h * w - 1)
+    grids = [(1, h, w) for h, w in vit_grids] + [(1, h, w) for h, w in image_grids]
+    skips = [0] * len(vit_grids) + [1] * len(image_grids)
+    positions = rope_index_fix_point(padded, grids, skips, tokens.image_pad)
+    num_target = target[0] * target[1]
+    num_refs = sum(h * w for h, w in references)
+    types = torch.cat([
+        torch.full((num_text,), TEXT_TYPE),
+        torch.full((num_target,), TARGET_TYPE),
+        torch.full((num_refs,), REFERENCE_TYPE),
+    ])
+    types[num_text - 1] = TIMESTEP_TYPE
+    return SampleLayout(torch.tensor(ids, dtype=torch.long), positions, types.long(), num_target)
