@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = ""
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     attention: Literal["split", "dense"] = "split"
 
 
@@ -97,6 +97,16 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    ac_every: int = 2
+    hsdp: bool = False
+    param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    reduce_dtype: Literal["bfloat16", "float32"] = "float32"
+    reshard_after_forward: bool = True
+    compile: bool = False
+
+    def validate(self, where: str) -> None:
+        if self.ac_every < 1:
+            raise ConfigError(f"{where}.ac_every: must be ≥ 1, got {self.ac_every}")
 
 
 @dataclass
@@ -248,3 +258,34 @@ def _build_root(table: dict, where: str) -> Config:
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved configuration as a TOML file that :func:`load_config` reads back unchanged."""
+    lines: list[str] = []
+    for section, table in to_dict(cfg).items():
+        scalars = {k: v for k, v in table.items() if not (isinstance(v, list) and v and isinstance(v[0], dict))}
+        arrays = {k: v for k, v in table.items() if k not in scalars}
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+        lines.append("")
+        for key, items in arrays.items():
+            for item in items:
+                lines.append(f"[[{section}.{key}]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+                lines.append("")
+    return "\n".join(lines)

@@ -155,3 +155,47 @@ def layout_from_ids(
     ])
     types[num_text - 1] = TIMESTEP_TYPE
     return SampleLayout(torch.tensor(ids, dtype=torch.long), positions, types.long(), num_target)
+
+
+@dataclass
+class LayoutBatch:
+    """Several layouts as model inputs: text left-padded so every sample's image tokens line up."""
+
+    input_ids: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [3, B, T + N]
+    token_types: torch.Tensor  # [B, T + N]
+    attention_mask: torch.Tensor | None  # [B, T + N], None when nothing is padded
+    num_target_tokens: int
+
+    def to(self, device: torch.device | str) -> "LayoutBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return LayoutBatch(move(self.input_ids), move(self.position_ids), move(self.token_types),
+                           move(self.attention_mask), self.num_target_tokens)
+
+    def model_inputs(self) -> dict:
+        return dict(input_ids=self.input_ids, position_ids=self.position_ids, token_types=self.token_types,
+                    attention_mask=self.attention_mask)
+
+
+def collate_layouts(layouts: list[SampleLayout], pad_id: int) -> LayoutBatch:
+    """Left-pad the text parts; all samples must share the same image-token count (one bucket)."""
+    image_tokens = {len(lay.token_types) - len(lay.input_ids) for lay in layouts}
+    targets = {lay.num_target_tokens for lay in layouts}
+    if len(image_tokens) != 1 or len(targets) != 1:
+        raise ValueError("a batch must use one image size per slot (bucket); got different image token counts")
+    width = max(len(lay.input_ids) for lay in layouts)
+    ids, positions, types, valid = [], [], [], []
+    for lay in layouts:
+        pad = width - len(lay.input_ids)
+        ids.append(torch.cat([torch.full((pad,), pad_id, dtype=torch.long), lay.input_ids]))
+        positions.append(torch.cat([torch.zeros(3, pad, dtype=torch.long), lay.position_ids], dim=1))
+        types.append(torch.cat([torch.zeros(pad, dtype=torch.long), lay.token_types]))
+        valid.append(torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(len(lay.token_types), dtype=torch.long)]))
+    mask = torch.stack(valid)
+    return LayoutBatch(
+        input_ids=torch.stack(ids),
+        position_ids=torch.stack(positions, dim=1),
+        token_types=torch.stack(types),
+        attention_mask=None if bool(mask.all()) else mask,
+        num_target_tokens=targets.pop(),
+    )

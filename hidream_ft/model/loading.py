@@ -116,7 +116,7 @@ def build_meta_model(config: Qwen3VLConfig, tms_token_id: int, attention: str = 
         return HiDreamO1(config, tms_token_id=tms_token_id, attention=attention)
 
 
-def _restore_rotary_buffers(model: nn.Module) -> None:
+def restore_rotary_buffers(model: nn.Module) -> None:
     """Non-persistent rotary buffers are not in the checkpoint; rebuild them from each module's config."""
     for module in model.modules():
         buffers = {name: b for name, b in module.named_buffers(recurse=False) if "inv_freq" in name}
@@ -141,6 +141,12 @@ def check_keys(model: nn.Module, files: dict[str, Path], where: Path) -> None:
         raise CheckpointError(f"{where} does not match the HiDream-O1 architecture: " + "; ".join(parts))
 
 
+def _peft_base_key(key: str) -> str:
+    """Where a checkpoint weight lives once PEFT has wrapped its linear: ``….q_proj.base_layer.weight``."""
+    module, name = key.rsplit(".", 1)
+    return f"{module}.base_layer.{name}"
+
+
 @torch.no_grad()
 def load_weights(model: nn.Module, files: dict[str, Path]) -> None:
     """Fill materialised (possibly FSDP-sharded) parameters from safetensors, one tensor at a time."""
@@ -151,7 +157,7 @@ def load_weights(model: nn.Module, files: dict[str, Path]) -> None:
     for file, keys in sorted(by_file.items()):
         with safe_open(file, "pt", device="cpu") as f:
             for key in keys:
-                target = targets[key]
+                target = targets[key] if key in targets else targets[_peft_base_key(key)]
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != tuple(target.shape):
                     raise CheckpointError(
@@ -173,13 +179,14 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     attention: str = "split",
-    parallelize: Callable[[HiDreamO1], None] | None = None,
     tokenizer=None,
-) -> HiDreamO1:
+    prepare: Callable[[HiDreamO1], nn.Module] | None = None,
+) -> nn.Module:
     """Load the official checkpoint at ``path`` with every parameter in ``dtype`` on ``device``.
 
-    ``parallelize`` (e.g. FSDP sharding) is applied to the meta model before any memory is allocated.
-    Raises :class:`CheckpointError` naming missing/unexpected keys or mismatched shapes.
+    ``prepare`` runs on the meta model before any memory is allocated (LoRA injection, FSDP sharding); its
+    return value (e.g. the PEFT wrapper) is what this function returns. Raises :class:`CheckpointError`
+    naming missing/unexpected keys or mismatched shapes.
     """
     path = Path(path)
     config = load_hf_config(path)
@@ -189,9 +196,8 @@ def load_model(
     model = build_meta_model(config, tokens.tms, attention)
     check_keys(model, files, path)
     model.to(dtype)
-    if parallelize is not None:
-        parallelize(model)
+    prepared = prepare(model) if prepare is not None else model
     model.to_empty(device=device)
     load_weights(model, files)
-    _restore_rotary_buffers(model)
-    return model
+    restore_rotary_buffers(model)
+    return prepared
