@@ -51,16 +51,33 @@ def sample_sigmas(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Draw one σ per sample: uniform (the paper's SFT) or logit-normal (its pretraining), then shift and clamp."""
+    draw = dict(generator=generator, dtype=torch.float64, device=generator.device if generator else "cpu")
     if method == "uniform":
-        u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        u = torch.rand(batch_size, **draw)
     elif method == "logit_normal":
-        u = torch.sigmoid(logit_mean + logit_std * torch.randn(batch_size, generator=generator, dtype=torch.float64))
+        u = torch.sigmoid(logit_mean + logit_std * torch.randn(batch_size, **draw))
     else:
         raise ValueError(f"unknown timestep sampling method {method!r}; expected 'uniform' or 'logit_normal'")
     sigmas = shift_sigmas(u, shift)
     # Uniform draws are mapped into [min, max] rather than clipped, so no probability piles up at the ends.
     sigmas = sigma_min + (sigma_max - sigma_min) * sigmas
     return sigmas.to(device=device, dtype=torch.float32)
+
+
+def draw_sigmas_and_noise(
+    seeds: list[int], token_shape: tuple[int, ...], device: torch.device | str, **sigma_options
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One σ and one ε per sample, each from its own seed.
+
+    Seeding per sample (from the sample's identity and epoch) makes the draw independent of how the global
+    batch is split over ranks and of where a run was resumed: 1 rank and 8 ranks see the same noise.
+    """
+    sigmas, noise = [], []
+    for seed in seeds:
+        generator = torch.Generator(device).manual_seed(seed)
+        sigmas.append(sample_sigmas(1, generator=generator, device=device, **sigma_options))
+        noise.append(torch.randn(token_shape, generator=generator, device=device))
+    return torch.cat(sigmas), torch.stack(noise)
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, noise_scale: float = 8.0) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from hidream_ft.config import Config, ConfigError, load_config, to_toml
 from hidream_ft.data import build_pipeline
 from hidream_ft.data.collate import TextToImageCollator, TrainBatch
-from hidream_ft.diffusion import add_noise, diffusion_loss, model_timestep, sample_sigmas
+from hidream_ft.diffusion import add_noise, diffusion_loss, draw_sigmas_and_noise, model_timestep
 from hidream_ft.metrics import MetricsLogger, peak_memory_gib
 from hidream_ft.model.layout import SpecialTokens
 from hidream_ft.model.loading import CheckpointError, load_hf_config, load_model, load_tokenizer
@@ -66,15 +66,14 @@ def build_model(cfg: Config, env: DistEnv, tokenizer):
     return model, model
 
 
-def compute_loss(model, batch: TrainBatch, cfg: Config, generator: torch.Generator) -> torch.Tensor:
+def compute_loss(model, batch: TrainBatch, cfg: Config) -> torch.Tensor:
     """One micro-batch: draw σ and ε, noise the target, predict x0, MSE on the target tokens."""
     d = cfg.diffusion
     x0 = batch.x0
-    sigmas = sample_sigmas(
-        batch.size, method=d.timestep_sampling, logit_mean=d.logit_mean, logit_std=d.logit_std, shift=d.shift,
-        sigma_min=d.sigma_min, sigma_max=d.sigma_max, generator=generator,
-    ).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+    sigmas, noise = draw_sigmas_and_noise(
+        batch.noise_seeds, x0.shape[1:], x0.device, method=d.timestep_sampling, logit_mean=d.logit_mean,
+        logit_std=d.logit_std, shift=d.shift, sigma_min=d.sigma_min, sigma_max=d.sigma_max,
+    )
     z = add_noise(x0, noise, sigmas, d.noise_scale)
     x_pred = model(
         **batch.layout.model_inputs(), vinputs=z, timestep=model_timestep(sigmas),
@@ -94,8 +93,6 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
-        # Noise and σ come from a per-rank CPU generator whose state is checkpointed: exact resume.
-        self.generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + env.rank)
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank,
                                          env.world_size, trainable_only=cfg.train.mode == "lora")
         self.skipped_total = 0
@@ -107,7 +104,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.env.device)
         for index, batch in enumerate(micro_batches):
             self.base.set_requires_gradient_sync(index == len(micro_batches) - 1)
-            loss = compute_loss(self.model, batch.to(self.env.device), self.cfg, self.generator)
+            loss = compute_loss(self.model, batch.to(self.env.device), self.cfg)
             (loss / len(micro_batches)).backward()
             loss_sum += loss.detach()
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
@@ -145,14 +142,13 @@ class Trainer:
         }
 
     def save_checkpoint(self, step: int, data_state) -> Path:
-        return self.checkpointer.save(step, self.model, self.optimizer, self.scheduler, self.generator,
-                                      data_state, self.meta())
+        return self.checkpointer.save(step, self.model, self.optimizer, self.scheduler, data_state, self.meta())
 
     def resume(self) -> tuple[int, object]:
         path = resolve_resume(self.cfg.checkpoint.resume, self.checkpointer.root)
         if path is None:
             return 0, None
-        step, data_state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler, self.generator)
+        step, data_state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler)
         return step, data_state
 
     def save_adapter(self) -> Path | None:
@@ -191,7 +187,7 @@ def run(cfg: Config) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.toml").write_text(to_toml(cfg))
     start_step, data_state = trainer.resume()
-    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, cfg.data.max_text_tokens)
+    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, cfg.data.max_text_tokens, cfg.train.seed)
     pipeline = build_pipeline(cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
                               default_batch_size=cfg.train.batch_size, collate=collate)
     if data_state is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ class TrainBatch:
     x0: torch.Tensor  # [B, N_target, 3072] clean target patches
     weights: torch.Tensor  # [B] per-sample loss weights
     keys: list[str]
+    noise_seeds: list[int]  # one per sample: its σ and ε are drawn from this seed
 
     @property
     def size(self) -> int:
@@ -25,13 +27,19 @@ class TrainBatch:
 
     def to(self, device: torch.device | str) -> "TrainBatch":
         return TrainBatch(self.layout.to(device), self.x0.to(device, non_blocking=True),
-                          self.weights.to(device, non_blocking=True), self.keys)
+                          self.weights.to(device, non_blocking=True), self.keys, self.noise_seeds)
+
+
+def noise_seed(seed: int, key: str, epoch: int) -> int:
+    """A stable 63-bit seed for one sample in one epoch (Python's hash() is salted per process)."""
+    return (seed * 1_000_003 + zlib.crc32(f"{key}\0{epoch}".encode())) % (2**63)
 
 
 class TextToImageCollator:
     """Picklable: holds the tokenizer and special-token ids; builds the T2I layout for every sample."""
 
-    def __init__(self, tokenizer, tokens: SpecialTokens, max_text_tokens: int):
+    def __init__(self, tokenizer, tokens: SpecialTokens, max_text_tokens: int, seed: int):
+        self.seed = seed
         self.tokenizer = tokenizer
         self.tokens = tokens
         self.max_text_tokens = max_text_tokens
@@ -52,4 +60,5 @@ class TextToImageCollator:
             x0=patchify(torch.stack([s.pixels for s in samples])),
             weights=torch.tensor([s.weight for s in samples], dtype=torch.float32),
             keys=[s.key for s in samples],
+            noise_seeds=[noise_seed(self.seed, s.key, s.epoch) for s in samples],
         )

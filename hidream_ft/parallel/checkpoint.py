@@ -63,16 +63,16 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
-def _rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "noise": generator.get_state()}
+def _rng_state() -> dict:
+    """Global RNG streams (LoRA dropout); diffusion noise is seeded per sample and needs no state."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["noise"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -93,8 +93,7 @@ class Checkpointer:
         self.world_size = world_size
         self.options = StateDictOptions(ignore_frozen_params=trainable_only)
 
-    def save(self, step: int, model, optimizer, scheduler, generator: torch.Generator, data_state: Any,
-             meta: dict) -> Path:
+    def save(self, step: int, model, optimizer, scheduler, data_state: Any, meta: dict) -> Path:
         final = self.root / step_dir_name(step)
         tmp = self.root / f".{step_dir_name(step)}.tmp"
         if self.rank == 0:
@@ -103,7 +102,7 @@ class Checkpointer:
         dist.barrier()
         model_state, optim_state = get_state_dict(model, optimizer, options=self.options)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-        torch.save({"rng": _rng_state(generator), "data": data_state}, tmp / f"rank-{self.rank:05d}.pt")
+        torch.save({"rng": _rng_state(), "data": data_state}, tmp / f"rank-{self.rank:05d}.pt")
         dist.barrier()
         if self.rank == 0:
             info = dict(meta, step=step, world_size=self.world_size, scheduler=scheduler.state_dict())
@@ -118,7 +117,7 @@ class Checkpointer:
         dist.barrier()
         return final
 
-    def load(self, path: Path, model, optimizer, scheduler, generator: torch.Generator) -> tuple[int, Any]:
+    def load(self, path: Path, model, optimizer, scheduler) -> tuple[int, Any]:
         """Restore everything; returns (step, data state). Resharding (other world size) is supported:
         RNG and data states then come from rank 0's file, re-seeded per rank by the caller's data pipeline."""
         meta = json.loads((path / "meta.json").read_text())
@@ -132,7 +131,7 @@ class Checkpointer:
         rank_file = path / f"rank-{self.rank if same_world else 0:05d}.pt"
         extra = torch.load(rank_file, weights_only=False)
         if same_world:
-            _set_rng_state(extra["rng"], generator)
+            _set_rng_state(extra["rng"])
         return meta["step"], extra["data"]
 
 

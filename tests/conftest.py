@@ -1,0 +1,32 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+from hidream_ft.model import SpecialTokens, load_hf_config, load_model, load_tokenizer
+from hidream_ft.model.tiny import write_tiny_checkpoint
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-hidream"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_checkpoint):
+    return load_tokenizer(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tokens(tiny_checkpoint, tokenizer):
+    return SpecialTokens.from_tokenizer(tokenizer, load_hf_config(tiny_checkpoint))
+
+
+@pytest.fixture()
+def tiny_model(tiny_checkpoint, tokenizer):
+    torch.manual_seed(0)
+    return load_model(tiny_checkpoint, dtype=torch.float32, tokenizer=tokenizer).eval()
