@@ -71,6 +71,12 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0
+    stochastic_rounding: bool = False  # adamw8bit: round bf16 weight updates stochastically (docs/optimizers.md)
+
+    def validate(self, where: str) -> None:
+        if self.stochastic_rounding and self.name != "adamw8bit":
+            raise ConfigError(f"{where}.stochastic_rounding: only optim.name = 'adamw8bit' implements it, "
+                              f"got optim.name = {self.name!r}")
 
 
 @dataclass
@@ -83,15 +89,115 @@ class TrainConfig:
     max_consecutive_skips: int = 10
 
 
+def check_buckets(buckets: list[list[int]], where: str) -> list[tuple[int, int]]:
+    """An explicit ``[[width, height], ...]`` bucket list as tuples; sides must be positive multiples of 32."""
+    checked = []
+    for i, bucket in enumerate(buckets):
+        if len(bucket) != 2 or any(side <= 0 for side in bucket):
+            raise ConfigError(f"{where}[{i}]: {bucket} is not a [width, height] pair of positive integers")
+        if any(side % 32 for side in bucket):
+            nearest = [max(32, round(side / 32) * 32) for side in bucket]
+            raise ConfigError(f"{where}[{i}]: bucket {bucket} is not a multiple of 32; try {nearest}")
+        checked.append((bucket[0], bucket[1]))
+    if len(set(checked)) != len(checked):
+        raise ConfigError(f"{where}: the same bucket is listed twice in {buckets}")
+    return checked
+
+
+@dataclass
+class FolderSource:
+    """One local image folder (``[[data.folders]]`` table; a plain string is shorthand for ``{path = ...}``)."""
+
+    path: str = ""
+    num_repeats: int = 1
+
+    def validate(self, where: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{where}.path: a folder path is required")
+        if self.num_repeats < 1:
+            raise ConfigError(f"{where}.num_repeats: must be at least 1, got {self.num_repeats}")
+
+
+@dataclass
+class DataStage:
+    """One step of the resolution schedule (``[[data.stages]]``), used until ``until_step`` (exclusive)."""
+
+    until_step: int | None = None
+    area: int | None = None
+    buckets: list[list[int]] = field(default_factory=list)
+    batch_size: int | None = None
+
+    def validate(self, where: str) -> None:
+        if self.until_step is not None and self.until_step < 1:
+            raise ConfigError(f"{where}.until_step: must be at least 1, got {self.until_step}")
+        if self.area is not None and self.buckets:
+            raise ConfigError(f"{where}: set either area or buckets, not both")
+        if self.area is not None and self.area < 32 * 32:
+            raise ConfigError(f"{where}.area: must be at least {32 * 32} pixels (one 32x32 patch), got {self.area}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size: must be at least 1, got {self.batch_size}")
+        check_buckets(self.buckets, f"{where}.buckets")
+
+
 @dataclass
 class DataConfig:
-    folders: list[str] = field(default_factory=list)
-    buckets: list[list[int]] = field(default_factory=lambda: [[1024, 1024]])
+    folders: list[FolderSource | str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    area: int = 1024 * 1024
+    buckets: list[list[int]] = field(default_factory=list)
+    bucket_step: int = 32
+    max_aspect: float = 2.5
+    stages: list[DataStage] = field(default_factory=list)
+    crop: Literal["center", "random"] = "center"
+    small_images: Literal["upscale", "skip"] = "upscale"
     missing_caption: Literal["empty", "skip"] = "empty"
     caption_dropout: float = 0.0
     trigger: str = ""
+    shuffle_tags: bool = False
+    keep_tags: int = 0
+    shuffle_buffer: int = 100
     num_workers: int = 2
+    prefetch_factor: int = 2
+    pin_memory: bool = True
     max_text_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        self.folders = [FolderSource(path=f) if isinstance(f, str) else f for f in self.folders]
+
+    def validate(self, where: str) -> None:
+        if self.folders and self.shards:
+            raise ConfigError(
+                f"{where}: set either folders or shards, not both "
+                "(pack the folders with `python -m hidream_ft.data.pack` to combine them with shards)"
+            )
+        for i, folder in enumerate(self.folders):
+            folder.validate(f"{where}.folders[{i}]")
+        for key, value, low, high in [
+            ("caption_dropout", self.caption_dropout, 0.0, 1.0),
+            ("max_aspect", self.max_aspect, 1.0, float("inf")),
+            ("area", self.area, 32 * 32, float("inf")),
+            ("keep_tags", self.keep_tags, 0, float("inf")),
+            ("shuffle_buffer", self.shuffle_buffer, 1, float("inf")),
+            ("num_workers", self.num_workers, 0, float("inf")),
+            ("prefetch_factor", self.prefetch_factor, 1, float("inf")),
+        ]:
+            if not low <= value <= high:
+                bounds = f"at least {low}" if high == float("inf") else f"between {low} and {high}"
+                raise ConfigError(f"{where}.{key}: must be {bounds}, got {value}")
+        if self.bucket_step < 32 or self.bucket_step % 32:
+            raise ConfigError(f"{where}.bucket_step: must be a multiple of 32, got {self.bucket_step}")
+        check_buckets(self.buckets, f"{where}.buckets")
+        bounded = [stage.until_step for stage in self.stages[:-1]]
+        if None in bounded:
+            raise ConfigError(f"{where}.stages[{bounded.index(None)}].until_step: required on every stage but the last")
+        for i in range(1, len(bounded)):
+            if bounded[i] <= bounded[i - 1]:
+                raise ConfigError(
+                    f"{where}.stages[{i}].until_step: {bounded[i]} must be greater than the previous stage's "
+                    f"{bounded[i - 1]}"
+                )
+        for i, stage in enumerate(self.stages):
+            stage.validate(f"{where}.stages[{i}]")
 
 
 @dataclass
@@ -123,6 +229,89 @@ class LoggingConfig:
     tensorboard: bool = True
 
 
+# Keys of [slurm] that have their own field here; `slurm.sbatch` may not set them behind the launcher's back.
+_MANAGED_SBATCH_OPTIONS = {
+    "nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "partition", "account", "qos", "time",
+    "constraint", "mem", "exclusive", "job-name", "signal", "requeue", "array", "dependency", "output", "error",
+    "open-mode",
+}
+
+
+@dataclass
+class SlurmConfig:
+    """Resources and policies for ``python -m launch.submit`` (docs/cluster.md)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: int = 0  # 0: one task per GPU (one task when gpus_per_node = 0)
+    cpus_per_task: int = 0  # 0: the cluster's default
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time_min: int = 1440
+    constraint: str = ""
+    mem: str = ""
+    exclusive: bool = False
+    job_name: str = "hidream-ft"
+    signal_delay_s: int = 120
+    max_timeouts: int = 3
+    array_parallelism: int = 16
+    folder: str = ""
+    setup: list[str] = field(default_factory=list)
+    srun_args: list[str] = field(default_factory=list)
+    sbatch: dict[str, Any] = field(default_factory=dict)
+    export_gpus: int = 1
+    export_time_min: int = 60
+
+    def validate(self, where: str) -> None:
+        at_least = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 0, "cpus_per_task": 0, "time_min": 1,
+                    "signal_delay_s": 0, "max_timeouts": 0, "array_parallelism": 1, "export_gpus": 0,
+                    "export_time_min": 1}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"{where}.{name}: must be ≥ {low}, got {getattr(self, name)}")
+        if self.signal_delay_s >= self.time_min * 60:
+            raise ConfigError(f"{where}.signal_delay_s: {self.signal_delay_s} s leaves no run time within "
+                              f"time_min = {self.time_min} min")
+        for key, value in self.sbatch.items():
+            if key.replace("_", "-") in _MANAGED_SBATCH_OPTIONS:
+                raise ConfigError(f"{where}.sbatch.{key}: set by the launcher; use the slurm.* key of that name")
+            if not isinstance(value, (str, int, bool)):
+                raise ConfigError(f"{where}.sbatch.{key}: expected a string, integer or boolean, got {value!r}")
+
+    @property
+    def tasks(self) -> int:
+        """Tasks (training processes) per node."""
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
+
+@dataclass
+class ValidationConfig:
+    """Sample images during training (docs/sampling.md); the sampling keys are those of ``hidream_ft.sample``."""
+
+    every: int = 0  # steps between validation renders; 0 turns validation off
+    prompts: list[str] = field(default_factory=list)
+    steps: int = 50
+    cfg: float = 5.0
+    shift: float = 3.0
+    scheduler: Literal["unipc", "flow_match", "flash"] = "unipc"
+    seed: int = 0
+    width: int = 1024
+    height: int = 1024
+    noise_scale: float = 8.0
+    noise_clip_std: float = 0.0
+    timesteps: list[int] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        if self.every < 0:
+            raise ConfigError(f"{where}.every: must be ≥ 0 (0 turns validation off), got {self.every}")
+        if self.every and not self.prompts:
+            raise ConfigError(f"{where}.prompts: validation every {self.every} steps needs at least one prompt")
+        from hidream_ft.inference.settings import SamplingSettings  # deferred: the sampler imports this module
+
+        SamplingSettings.from_fields(self).validate(where)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -135,6 +324,10 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    # Parameter grids for launch.submit (dotted key → list of values); the trainer ignores it.
+    sweep: dict[str, Any] = field(default_factory=dict)
 
 
 def _type_name(tp: Any) -> str:
@@ -275,17 +468,19 @@ def _toml_value(value: Any) -> str:
 
 
 def to_toml(cfg: Config) -> str:
-    """The resolved configuration as a TOML file that :func:`load_config` reads back unchanged."""
+    """The resolved configuration as a TOML file that :func:`load_config` reads back unchanged.
+
+    TOML has no null: keys whose value is None (their default) are left out."""
     lines: list[str] = []
     for section, table in to_dict(cfg).items():
         scalars = {k: v for k, v in table.items() if not (isinstance(v, list) and v and isinstance(v[0], dict))}
         arrays = {k: v for k, v in table.items() if k not in scalars}
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items() if v is not None]
         lines.append("")
         for key, items in arrays.items():
             for item in items:
                 lines.append(f"[[{section}.{key}]]")
-                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items() if v is not None]
                 lines.append("")
     return "\n".join(lines)

@@ -33,8 +33,8 @@ class MetricsLogger:
 
     def progress(self, step: int, loss: float, lr: float) -> None:
         if self.enabled:
-            self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            self.bar.update(step - self.bar.n)
 
     def info(self, message: str) -> None:
         if self.enabled:

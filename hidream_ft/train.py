@@ -10,6 +10,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,16 +20,22 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from hidream_ft.config import Config, ConfigError, load_config, to_toml
 from hidream_ft.data import build_pipeline
-from hidream_ft.data.collate import TextToImageCollator, TrainBatch
+from hidream_ft.data.collate import TrainBatch, TrainCollator
 from hidream_ft.diffusion import add_noise, diffusion_loss, draw_sigmas_and_noise, model_timestep
+from hidream_ft.inference.validation import log_validation, render_validation
 from hidream_ft.metrics import MetricsLogger, peak_memory_gib
 from hidream_ft.model.layout import SpecialTokens
 from hidream_ft.model.loading import CheckpointError, load_hf_config, load_model, load_tokenizer
 from hidream_ft.model.lora import apply_lora, init_lora_weights, set_full_trainable
+from hidream_ft.model.references import ConditionProcessor
 from hidream_ft.optim import build_optimizer, build_scheduler
 from hidream_ft.parallel.checkpoint import Checkpointer, resolve_resume
 from hidream_ft.parallel.distributed import DistEnv, build_mesh, init_distributed, shutdown
 from hidream_ft.parallel.fsdp import DTYPES, parallelize
+
+
+# The prediction is only read by the loss, never modified in place, so FSDP's view warning does not apply.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 class TrainingAborted(RuntimeError):
@@ -75,10 +82,9 @@ def compute_loss(model, batch: TrainBatch, cfg: Config) -> torch.Tensor:
         logit_std=d.logit_std, shift=d.shift, sigma_min=d.sigma_min, sigma_max=d.sigma_max,
     )
     z = add_noise(x0, noise, sigmas, d.noise_scale)
-    x_pred = model(
-        **batch.layout.model_inputs(), vinputs=z, timestep=model_timestep(sigmas),
-        output_tokens=batch.layout.num_target_tokens,
-    )
+    # Only the target is noised and predicted; reference patches (edit / IP) ride along clean.
+    x_pred = model(**batch.model_inputs(z), timestep=model_timestep(sigmas),
+                   output_tokens=batch.layout.num_target_tokens)
     return diffusion_loss(x_pred, x0, sigmas, kind=d.loss, sigma_floor=d.velocity_sigma_floor,
                           sample_weights=batch.weights)
 
@@ -187,7 +193,8 @@ def run(cfg: Config) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.toml").write_text(to_toml(cfg))
     start_step, data_state = trainer.resume()
-    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, cfg.data.max_text_tokens, cfg.train.seed)
+    collate = TrainCollator(trainer.tokenizer, trainer.tokens, cfg.data.max_text_tokens, cfg.train.seed,
+                            ConditionProcessor.from_pretrained(cfg.model.path))
     pipeline = build_pipeline(cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
                               default_batch_size=cfg.train.batch_size, collate=collate)
     if data_state is not None:
@@ -217,6 +224,11 @@ def run(cfg: Config) -> dict:
                 "memory/peak_gib": peak_memory_gib(env.device),
                 **{f"data/{k}": v for k, v in pipeline.stats().items()},
             })
+        if cfg.validation.every and done % cfg.validation.every == 0:
+            # Every rank renders (FSDP forwards are collective); rank 0 writes the images.
+            images = render_validation(trainer.model, trainer.tokenizer, trainer.tokens, cfg.validation, env.device)
+            if log.writer is not None:
+                log_validation(log.writer, done, images)
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
             trainer.save_checkpoint(done, pipeline.state_dict())
             last_saved = done

@@ -1,4 +1,3 @@
-import sys, types; m = types.ModuleType("hidream_ft.data"); m.__path__ = ["/work/main/hidream_ft/data"]; m.build_pipeline = None; sys.modules["hidream_ft.data"] = m
 """The trainer in one process: LoRA and full fine-tunes learn, the numerics guard, adapter export."""
 
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ class FakeSample:
     caption: str
     key: str
     weight: float = 1.0
-    epoch: int = 0
+    noise_seed: int = 0
 
 
 def make_trainer(tiny_checkpoint, tmp_path, *overrides):
@@ -35,7 +34,8 @@ def make_trainer(tiny_checkpoint, tmp_path, *overrides):
 def fixed_batch(trainer, captions=("a red circle", "a green square on a blue background")):
     collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, 128, seed=0)
     g = torch.Generator().manual_seed(0)
-    samples = [FakeSample(torch.rand(3, 64, 64, generator=g) * 2 - 1, c, f"s{i}") for i, c in enumerate(captions)]
+    samples = [FakeSample(torch.rand(3, 64, 64, generator=g) * 2 - 1, c, f"s{i}", noise_seed=i)
+               for i, c in enumerate(captions)]
     return collate(samples)
 
 

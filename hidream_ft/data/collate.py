@@ -1,4 +1,5 @@
-"""Samples → model inputs, inside the data-loader workers (tokenisation and positions stay off the GPU loop)."""
+"""Samples → model inputs, inside the data-loader workers (tokenisation, positions and ViT preprocessing stay
+off the GPU loop)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from hidream_ft.diffusion import patchify
 from hidream_ft.model.layout import (
     LayoutBatch, SpecialTokens, build_t2i_layout, chat_prompt_ids, collate_layouts, truncate_caption,
 )
+from hidream_ft.model.references import (
+    ConditionProcessor, ImageConditions, build_reference_layout, collate_reference_layouts, generation_inputs,
+)
 
 
 @dataclass
@@ -20,6 +24,7 @@ class TrainBatch:
     weights: torch.Tensor  # [B] per-sample loss weights
     keys: list[str]
     noise_seeds: list[int]  # one per sample: its σ and ε are drawn from this seed
+    conditions: ImageConditions | None = None  # edit / IP batches: clean reference patches and ViT inputs
 
     @property
     def size(self) -> int:
@@ -27,12 +32,15 @@ class TrainBatch:
 
     def to(self, device: torch.device | str) -> "TrainBatch":
         return TrainBatch(self.layout.to(device), self.x0.to(device, non_blocking=True),
-                          self.weights.to(device, non_blocking=True), self.keys, self.noise_seeds)
+                          self.weights.to(device, non_blocking=True), self.keys, self.noise_seeds,
+                          None if self.conditions is None else self.conditions.to(device))
+
+    def model_inputs(self, noisy_target: torch.Tensor) -> dict:
+        """``HiDreamO1.forward`` keyword arguments but the timestep; the references follow the noisy target."""
+        return generation_inputs(self.layout, noisy_target, self.conditions)
 
 
-def noise_seed(seed: int, key: str, epoch: int) -> int:
-    """A stable 63-bit seed for one sample in one epoch (Python's hash() is salted per process)."""
-    return (seed * 1_000_003 + zlib.crc32(f"{key}\0{epoch}".encode())) % (2**63)
+
 
 
 class TextToImageCollator:
@@ -48,17 +56,58 @@ class TextToImageCollator:
             raise ValueError(f"data.max_text_tokens = {max_text_tokens} leaves no room for a caption")
         self.max_caption_tokens = max_text_tokens - template_tokens
 
+    def caption(self, sample) -> str:
+        # Over-long captions are cut at the token budget rather than dropping the image.
+        return truncate_caption(self.tokenizer, sample.caption, self.max_caption_tokens)
+
     def __call__(self, samples) -> TrainBatch:
         layouts = []
         for sample in samples:
             _, height, width = sample.pixels.shape
-            # Over-long captions are cut at the token budget rather than dropping the image.
-            caption = truncate_caption(self.tokenizer, sample.caption, self.max_caption_tokens)
-            layouts.append(build_t2i_layout(self.tokenizer, self.tokens, caption, height, width, self.max_text_tokens))
+            layouts.append(build_t2i_layout(self.tokenizer, self.tokens, self.caption(sample), height, width,
+                                            self.max_text_tokens))
+        return self.batch(samples, collate_layouts(layouts, self.tokens.pad))
+
+    def batch(self, samples, layout: LayoutBatch, conditions: ImageConditions | None = None) -> TrainBatch:
         return TrainBatch(
-            layout=collate_layouts(layouts, self.tokens.pad),
+            layout=layout,
             x0=patchify(torch.stack([s.pixels for s in samples])),
             weights=torch.tensor([s.weight for s in samples], dtype=torch.float32),
             keys=[s.key for s in samples],
-            noise_seeds=[noise_seed(self.seed, s.key, s.epoch) for s in samples],
+            noise_seeds=[s.noise_seed for s in samples],
+            conditions=conditions,
         )
+
+
+class TrainCollator(TextToImageCollator):
+    """Text-to-image batches exactly as :class:`TextToImageCollator` builds them; batches whose samples carry
+    ``references`` get the edit / IP layout (ViT condition tokens in the prompt, clean reference patches after
+    the target). A batch is one or the other: the data pipeline groups samples by shape.
+
+    The ViT placeholder tokens do not count against ``max_text_tokens``, which bounds the caption alone; the
+    reference count bounds them (at most 10 images of 64-144 tokens).
+    """
+
+    def __init__(self, tokenizer, tokens: SpecialTokens, max_text_tokens: int, seed: int,
+                 processor: ConditionProcessor):
+        super().__init__(tokenizer, tokens, max_text_tokens, seed)
+        self.processor = processor
+
+    def __call__(self, samples) -> TrainBatch:
+        with_references = [bool(getattr(s, "references", None)) for s in samples]
+        if not any(with_references):
+            return super().__call__(samples)
+        if not all(with_references):
+            plain = [s.key for s, has in zip(samples, with_references) if not has]
+            raise ValueError(f"a batch mixes samples with and without references ({plain[0]} has none); "
+                             "group samples with hidream_ft.data.paired.shape_key")
+        items = []
+        for sample in samples:
+            _, height, width = sample.pixels.shape
+            try:
+                items.append(build_reference_layout(self.tokenizer, self.tokens, self.processor,
+                                                    self.caption(sample), height, width, sample.references))
+            except ValueError as e:
+                raise ValueError(f"sample {sample.key}: {e}") from None
+        layout, conditions = collate_reference_layouts(items, self.tokens.pad)
+        return self.batch(samples, layout, conditions)

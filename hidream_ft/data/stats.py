@@ -26,7 +26,7 @@ REASONS = (
     "caption_missing_skipped",
     "caption_not_utf8",
     "duplicate_key_skipped",
-    "metadata_bad_line",
+    "metadata_invalid",
     "metadata_unmatched",
     "no_image_skipped",
     "shard_read_error",

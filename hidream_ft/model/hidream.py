@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import Qwen3VLConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel, Qwen3VLVisionModel
 
@@ -90,6 +91,29 @@ class HiDreamO1(nn.Module):
             return out[0], list(out[1])
         return out.pooler_output, list(out.deepstack_features)
 
+    def vision_must_run(self) -> bool:
+        """Whether a batch without images still has to run the ViT (spec §4, "fake vision forward").
+
+        Under FSDP every rank must join the ViT's parameter all-gathers (whenever the ViT is sharded) and its
+        gradient reduce-scatters (whenever it trains) in every step, also when its own batch is text-to-image
+        while another rank's is an edit; otherwise the collectives pair up wrongly and the job hangs. A
+        trainable ViT also gets zero (not missing) gradients this way, as the optimizer and clipping expect.
+        """
+        first = next(self.model.visual.parameters())
+        if isinstance(first, DTensor) and first.device_mesh.size() > 1:
+            return True
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.model.visual.parameters())
+
+    def fake_vision_term(self) -> torch.Tensor:
+        """A zero scalar that depends on every ViT parameter: the ViT (mergers and DeepStack mergers included)
+        run on an all-zero 2×2×2-patch input, summed and multiplied by 0."""
+        vision = self.config.vision_config
+        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixel_values = torch.zeros(8, patch_dim, device=next(self.model.visual.parameters()).device)
+        grid = torch.tensor([[2, 2, 2]], device=pixel_values.device)
+        embeds, deepstack = self.encode_images(pixel_values, grid)
+        return sum((f.sum() for f in deepstack), embeds.sum()) * 0.0
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -117,7 +141,13 @@ class HiDreamO1(nn.Module):
         if pixel_values is not None:
             image_embeds, deepstack = self.encode_images(pixel_values, image_grid_thw)
             visual_mask = (input_ids == self.config.image_token_id)[..., None]
+            placeholders = int(visual_mask.sum())
+            if placeholders != image_embeds.shape[0]:
+                raise ValueError(f"the prompts hold {placeholders} <|image_pad|> tokens but the ViT returned "
+                                 f"{image_embeds.shape[0]} features; pixel_values and the layout disagree")
             embeds = embeds.masked_scatter(visual_mask, image_embeds.to(embeds.dtype))
+        elif self.vision_must_run():
+            embeds = embeds + self.fake_vision_term().to(embeds.dtype)
         t_emb = self.model.t_embedder1(timestep).to(embeds.dtype)
         embeds = torch.where((input_ids == self.tms_token_id)[..., None], t_emb[:, None, :], embeds)
         patches = self.model.x_embedder(vinputs.to(self.model.x_embedder.proj1.weight.dtype))

@@ -92,6 +92,9 @@ class Checkpointer:
         self.rank = rank
         self.world_size = world_size
         self.options = StateDictOptions(ignore_frozen_params=trainable_only)
+        # dcp.load already fails on any key the checkpoint lacks; strict=False only lets frozen weights
+        # (loaded from the base model, not the checkpoint) stay out of the LoRA state.
+        self.load_options = StateDictOptions(ignore_frozen_params=trainable_only, strict=False)
 
     def save(self, step: int, model, optimizer, scheduler, data_state: Any, meta: dict) -> Path:
         final = self.root / step_dir_name(step)
@@ -125,7 +128,7 @@ class Checkpointer:
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=self.options)
+                       options=self.load_options)
         scheduler.load_state_dict(meta["scheduler"])
         same_world = meta["world_size"] == self.world_size
         rank_file = path / f"rank-{self.rank if same_world else 0:05d}.pt"

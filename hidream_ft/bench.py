@@ -1,0 +1,275 @@
+"""Training speed and memory of the real trainer step, on the 8B shape with random weights (no checkpoint files).
+
+    python -m hidream_ft.bench --mode lora --size 1024 --batch 1 --steps 10 [--ac none|full|selective]
+        [--compile] [--optim adamw|adamw8bit] [--attention split|dense] [--shape 8b|tiny] [--set KEY=VALUE ...]
+    torchrun --nproc_per_node 8 -m hidream_ft.bench ...        # sharded; images/s and tokens/s are global
+
+The model is built on the meta device in the Qwen3-VL-8B shape, given LoRA adapters or the full-FT trainable
+set, sharded with FSDP2 and materialised on the device exactly as the trainer does it, then filled with random
+weights. Each step is ``Trainer.step`` (forward, backward, clipping, optimizer step) on one synthetic batch, so
+data loading is not part of the figure. Steps after ``--warmup`` are timed. Prints a markdown table row:
+
+    s/step, images/s, tokens/s (all sequence tokens, text included), peak memory (CUDA: max allocated;
+    CPU: process max RSS), MFU = (6·N + 12·L·d·S)·tokens / (step time · peak FLOP/s)
+
+with N the decoder parameters without the embedding (6.95e9 at 8B), L layers, d hidden size, S sequence length
+and a peak of 989 TFLOP/s (H100 dense bf16). The convention counts 6·N for LoRA too and ignores activation
+recomputation, so it compares recipes, not hardware utilisation. ``--shape tiny`` runs the same path on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from hidream_ft import train
+from hidream_ft.config import ConfigError, load_config
+from hidream_ft.data.collate import TextToImageCollator
+from hidream_ft.data.samples import Sample
+from hidream_ft.metrics import peak_memory_gib
+from hidream_ft.model.layout import SpecialTokens
+from hidream_ft.model.loading import build_meta_model, load_hf_config, restore_rotary_buffers
+from hidream_ft.model.tiny import preprocessor_config, tiny_config_dict, tiny_tokenizer
+from hidream_ft.parallel.distributed import init_distributed, shutdown
+
+H100_BF16_PEAK_TFLOPS = 989.0
+
+# Qwen3-VL-8B (spec §2); the tiny shape is hidream_ft.model.tiny's.
+SHAPES = {
+    "8b": {
+        "text_config": {
+            "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "rope_theta": 5000000.0,
+            "rope_scaling": {"rope_type": "default", "mrope_interleaved": True, "mrope_section": [24, 20, 20]},
+        },
+        "vision_config": {
+            "depth": 27, "hidden_size": 1152, "num_heads": 16, "intermediate_size": 4304, "out_hidden_size": 4096,
+            "deepstack_visual_indexes": [8, 16, 24], "num_position_embeddings": 2304,
+        },
+    },
+    "tiny": {"text_config": {}, "vision_config": {}},
+}
+
+CAPTION_WORDS = "a photo of a red circle on a blue background with a yellow triangle over a gradient".split()
+
+HEADER = ("| shape | mode | size | batch × ranks | AC | compile | optim | attention | seq | s/step | images/s "
+          "| tokens/s | peak GiB | MFU % | device |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+@dataclass
+class Measurement:
+    step_s: float
+    images_per_s: float
+    tokens_per_s: float
+    peak_gib: float
+    mfu: float | None  # fraction of the peak; None on CPU, where the H100 peak means nothing
+    seq_len: int
+
+
+def model_flops_per_token(decoder_params: int, layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per weight (forward + backward) plus 12·L·d·S for attention scores."""
+    return 6 * decoder_params + 12 * layers * hidden * seq_len
+
+
+def mfu(step_s: float, tokens_per_step: int, flops_per_token: float, peak_flops: float) -> float:
+    return flops_per_token * tokens_per_step / (step_s * peak_flops)
+
+
+def write_shape_dir(out: Path, shape: str) -> Path:
+    """config.json + tokenizer (+ preprocessor config) in the official layout, without weights."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(str(out))
+    config = tiny_config_dict(tokenizer)
+    for section, values in SHAPES[shape].items():
+        config[section].update(values)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2))
+    return out
+
+
+@torch.no_grad()
+def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
+    """Init-like random weights, drawn shard by shard on the device: N(0, 0.02) matrices, unit norms, zero biases."""
+    generator = None
+    for name, param in model.named_parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if generator is None:
+            generator = torch.Generator(device=local.device).manual_seed(seed)
+        if param.dim() >= 2:
+            local.normal_(0.0, 0.02, generator=generator)
+        elif "norm" in name:
+            local.fill_(1.0)
+        else:
+            local.zero_()
+
+
+def random_weights_loader(seed: int):
+    """A stand-in for ``hidream_ft.model.loading.load_model`` (same signature) that reads no weight files."""
+
+    def load(path, *, dtype, device, attention, tokenizer, prepare):
+        config = load_hf_config(path)
+        model = build_meta_model(config, SpecialTokens.from_tokenizer(tokenizer, config).tms, attention)
+        model.to(dtype)
+        prepared = prepare(model)
+        model.to_empty(device=device)
+        randomize_parameters(model, seed)
+        restore_rotary_buffers(model)
+        return prepared
+
+    return load
+
+
+def build_trainer(cfg, env) -> train.Trainer:
+    # Trainer loads weights through hidream_ft.train.load_model; substituting random weights there keeps every
+    # other part of the trainer (LoRA, trainable selection, FSDP, optimizer, step) the production code.
+    with mock.patch.object(train, "load_model", random_weights_loader(cfg.train.seed)):
+        return train.Trainer(cfg, env)
+
+
+def synthetic_batch(trainer: train.Trainer, size: int, batch: int, text_tokens: int):
+    """``batch`` random size×size images whose captions fill the text budget exactly as a long caption would."""
+    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, text_tokens, seed=0)
+    caption = " ".join(itertools.islice(itertools.cycle(CAPTION_WORDS), text_tokens))
+    g = torch.Generator().manual_seed(0)
+    samples = [Sample(torch.rand(3, size, size, generator=g) * 2 - 1, caption, f"bench-{i}", noise_seed=i)
+               for i in range(batch)]
+    return collate(samples)
+
+
+def decoder_params(trainer: train.Trainer) -> int:
+    """N of the MFU convention: decoder weights without the embedding table and without LoRA adapters."""
+    language_model = trainer.base.model.language_model
+    return sum(p.numel() for name, p in language_model.named_parameters()
+               if "embed_tokens" not in name and "lora_" not in name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(trainer: train.Trainer, batch, steps: int, warmup: int, peak_tflops: float) -> Measurement:
+    device = trainer.env.device
+    for _ in range(warmup):
+        trainer.step([batch])
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.step([batch])
+    synchronize(device)
+    step_s = (time.perf_counter() - start) / steps
+    if trainer.skipped_total:
+        print(f"warning: {trainer.skipped_total} steps had a non-finite loss or gradient and skipped the "
+              "optimizer step; the timing is not representative", file=sys.stderr)
+    world = trainer.env.world_size
+    seq_len = batch.layout.token_types.shape[1]
+    images = batch.size * world
+    config = trainer.base.config.text_config
+    flops = model_flops_per_token(decoder_params(trainer), config.num_hidden_layers, config.hidden_size, seq_len)
+    utilisation = mfu(step_s, images * seq_len, flops, peak_tflops * 1e12) if device.type == "cuda" else None
+    return Measurement(step_s, images / step_s, images * seq_len / step_s, peak_memory_gib(device), utilisation,
+                       seq_len)
+
+
+def table_row(args: argparse.Namespace, world: int, result: Measurement, device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    mfu_text = "n/a" if result.mfu is None else f"{100 * result.mfu:.1f}"
+    cells = [args.shape, args.mode, f"{args.size}²", f"{args.batch} × {world}", args.ac,
+             "yes" if args.compile else "no", args.optim, args.attention, str(result.seq_len),
+             f"{result.step_s:.3f}", f"{result.images_per_s:.2f}", f"{result.tokens_per_s:,.0f}",
+             f"{result.peak_gib:.1f}", mfu_text, name]
+    return "| " + " | ".join(cells) + " |"
+
+
+def multiple_of_32(text: str) -> int:
+    value = int(text)
+    if value <= 0 or value % 32:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of 32")
+    return value
+
+
+def at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not ≥ {minimum}")
+        return value
+
+    return parse
+
+
+positive, non_negative = at_least(1), at_least(0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m hidream_ft.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["lora", "full"], default="lora")
+    parser.add_argument("--size", type=multiple_of_32, default=1024, help="square image side in pixels")
+    parser.add_argument("--batch", type=positive, default=1, help="images per rank per step")
+    parser.add_argument("--steps", type=positive, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=non_negative, default=2, help="untimed steps first (compilation, state init)")
+    parser.add_argument("--ac", choices=["none", "full", "selective"], default="none",
+                        help="activation checkpointing (parallel.activation_checkpointing)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    parser.add_argument("--optim", choices=["adamw", "adamw8bit"], default="adamw")
+    parser.add_argument("--attention", choices=["split", "dense"], default="split")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--text-tokens", type=positive, default=128, help="text part of each sequence")
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_TFLOPS, help="for MFU")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other trainer config key, e.g. --set model.dtype=bfloat16 (repeatable)")
+    parser.add_argument("--no-header", action="store_true", help="print the table row only")
+    return parser.parse_args(argv)
+
+
+def config_overrides(args: argparse.Namespace, shape_dir: Path, output_dir: Path) -> list[str]:
+    return [
+        f"model.path={shape_dir}", f"train.mode={args.mode}", f"model.attention={args.attention}",
+        f"parallel.activation_checkpointing={args.ac}", f"parallel.compile={str(args.compile).lower()}",
+        f"optim.name={args.optim}", f"train.max_steps={args.warmup + args.steps}",
+        f"logging.output_dir={output_dir}", "logging.tensorboard=false", *args.set,
+    ]
+
+
+def run(args: argparse.Namespace) -> str:
+    env = init_distributed()
+    with tempfile.TemporaryDirectory(prefix="hidream-bench-") as tmp:
+        shape_dir = write_shape_dir(Path(tmp), args.shape)
+        cfg = load_config(None, config_overrides(args, shape_dir, Path(tmp) / "run"))
+        trainer = build_trainer(cfg, env)
+        batch = synthetic_batch(trainer, args.size, args.batch, args.text_tokens)
+        result = measure(trainer, batch, args.steps, args.warmup, args.peak_tflops)
+    row = table_row(args, env.world_size, result, env.device)
+    if env.is_main:
+        print(row if args.no_header else f"{HEADER}\n{row}", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

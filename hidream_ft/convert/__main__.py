@@ -1,0 +1,180 @@
+"""Convert HiDream-O1 training outputs and LoRAs for inference tools.
+
+    python -m hidream_ft.convert export SOURCE --to {peft,comfyui,kohya,musubi} --out PATH [--base DIR]
+    python -m hidream_ft.convert inspect SOURCE
+    python -m hidream_ft.convert merge SOURCE[:WEIGHT] ... --out PATH [--layout hf|comfyui] [--base DIR]
+    python -m hidream_ft.convert stack SOURCE:WEIGHT SOURCE:WEIGHT ... --to FORMAT --out PATH
+
+SOURCE is a run directory, a checkpoints/step-N/ folder, a PEFT adapter directory, or a .safetensors LoRA in
+any known key style (peft, comfyui, kohya, musubi, ai-toolkit, onetrainer, diffsynth — detected
+automatically). `merge` also takes full fine-tunes (a full-mode step-N/ folder or a plain state-dict file).
+See docs/export.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from hidream_ft.convert.adapter import check_fits, stack_adapters
+from hidream_ft.convert.errors import ConvertError
+from hidream_ft.convert.formats import META, describe, write_lora
+from hidream_ft.convert.keys import WRITABLE_STYLES, parse_lora_keys
+from hidream_ft.convert.merge import DEFAULT_SHARD_BYTES, LAYOUTS, merge_checkpoint, weight_shapes
+from hidream_ft.convert.sources import FullWeights, load_adapter, load_source
+from hidream_ft.model.loading import CheckpointError
+
+DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_weighted(text: str) -> tuple[str, float]:
+    """``path:0.75`` → (path, 0.75); a path without a numeric suffix has weight 1."""
+    path, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 1000000")
+    return int(float(match[1]) * _UNITS[(match[2] or "b").lower()])
+
+
+def _base_dir(explicit: str | None, metadata: list[dict[str, str]]) -> Path:
+    """--base, else the base model recorded by training, if that directory exists here."""
+    if explicit:
+        return Path(explicit)
+    for meta in metadata:
+        recorded = meta.get(META + "base_model")
+        if recorded and Path(recorded).is_dir():
+            return Path(recorded)
+    raise ConvertError("no base model: pass --base DIR (the HiDream-O1-Image folder the adapter was trained on)")
+
+
+def cmd_export(args) -> None:
+    adapter = load_adapter(args.source)
+    if args.base:
+        check_fits(adapter, weight_shapes(args.base), f"the base model at {args.base}")
+    if args.trigger is not None:
+        adapter.metadata[META + "trigger"] = args.trigger
+    if DTYPES[args.dtype] is not None:
+        adapter = adapter.to(DTYPES[args.dtype])
+    print(write_lora(adapter, args.to, args.out))
+
+
+def cmd_inspect(args) -> None:
+    path = Path(args.source)
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+        try:
+            print(f"style: {parse_lora_keys(keys, str(path)).style.name}")
+        except ConvertError:
+            pass  # a full state dict; load_source says so below
+    source = load_source(path)
+    if isinstance(source, FullWeights):
+        print(f"full model weights: {len(source.tensors.keys())} tensors")
+        for key, value in sorted(source.metadata.items()):
+            print(f"{key}: {value}")
+    else:
+        print(describe(source))
+
+
+def cmd_merge(args) -> None:
+    loras, full, metadata, described = [], None, [], []
+    for text in args.sources:
+        path, weight = parse_weighted(text)
+        source = load_source(path)
+        metadata.append(source.metadata)
+        if isinstance(source, FullWeights):
+            if full is not None:
+                raise ConvertError(f"{path}: only one full fine-tune can be merged at a time")
+            if weight != 1.0:
+                raise ConvertError(f"{path}: a full fine-tune replaces the base weights; it takes no weight")
+            full = source.tensors
+            described.append(f"{path} (full)")
+        else:
+            loras.append((source, weight))
+            described.append(f"{path}×{weight:g}")
+    base = _base_dir(args.base, metadata)
+    dtype = DTYPES[args.dtype or ("bf16" if args.layout == "comfyui" else "keep")]
+    info = {META + "base_model": str(base), META + "merged": "; ".join(described)}
+    print(merge_checkpoint(base, args.out, layout=args.layout, loras=loras, full=full, dtype=dtype,
+                           max_shard_bytes=args.max_shard_size, metadata=info))
+
+
+def cmd_stack(args) -> None:
+    weighted = []
+    for text in args.sources:
+        path, weight = parse_weighted(text)
+        weighted.append((load_adapter(path), weight))
+    stacked = stack_adapters(weighted)
+    stacked.metadata[META + "stacked"] = "; ".join(f"{parse_weighted(t)[0]}×{w:g}" for t, (_, w) in
+                                                   zip(args.sources, weighted))
+    if DTYPES[args.dtype] is not None:
+        stacked = stacked.to(DTYPES[args.dtype])
+    print(write_lora(stacked, args.to, args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hidream_ft.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser("export", help="write a LoRA in an inference format (also: import a foreign one)")
+    export.add_argument("source")
+    export.add_argument("--to", required=True, choices=WRITABLE_STYLES)
+    export.add_argument("--out", required=True, help="a directory for peft, a .safetensors file otherwise")
+    export.add_argument("--base", help="check the adapter's shapes against this base model directory")
+    export.add_argument("--trigger", help="trigger phrase for the file header (default: data.trigger of the run)")
+    export.add_argument("--dtype", choices=DTYPES, default="keep")
+    export.set_defaults(run=cmd_export)
+
+    inspect = commands.add_parser("inspect", help="show the format, modules, ranks and metadata of a source")
+    inspect.add_argument("source")
+    inspect.set_defaults(run=cmd_inspect)
+
+    merge = commands.add_parser("merge", help="fold LoRAs (and a full fine-tune) into the base model")
+    merge.add_argument("sources", nargs="+", metavar="SOURCE[:WEIGHT]")
+    merge.add_argument("--out", required=True, help="a directory for hf, a .safetensors file for comfyui")
+    merge.add_argument("--layout", choices=LAYOUTS, default="hf")
+    merge.add_argument("--base", help="base model directory (default: the one recorded by training)")
+    merge.add_argument("--dtype", choices=DTYPES, help="default: keep for hf, bf16 for comfyui")
+    merge.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES,
+                       help="hf layout: largest shard, e.g. 5GB (default)")
+    merge.set_defaults(run=cmd_merge)
+
+    stack = commands.add_parser("stack", help="concatenate LoRAs along the rank into one adapter, unmerged")
+    stack.add_argument("sources", nargs="+", metavar="SOURCE[:WEIGHT]")
+    stack.add_argument("--to", required=True, choices=WRITABLE_STYLES)
+    stack.add_argument("--out", required=True)
+    stack.add_argument("--dtype", choices=DTYPES, default="keep")
+    stack.set_defaults(run=cmd_stack)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ConvertError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

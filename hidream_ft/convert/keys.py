@@ -1,0 +1,216 @@
+"""LoRA key styles of the tools that write or load HiDream-O1 adapters, and the module paths they name.
+
+Every style names a LoRA'd linear layer by its module path in the official Hugging Face model
+(``model.language_model.layers.0.self_attn.q_proj``), written either in full or relative to the diffusion
+model (without the leading ``model.``), with dots kept or turned into underscores, behind a prefix:
+
+    peft      base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight
+    comfyui   diffusion_model.language_model.layers.0.self_attn.q_proj.lora_A.weight   (+ .alpha)
+    kohya     lora_unet_language_model_layers_0_self_attn_q_proj.lora_down.weight     (+ .alpha)
+    musubi    lora_unet_model_language_model_layers_0_self_attn_q_proj.lora_down.weight (+ .alpha)
+    ai-toolkit  transformer.language_model.layers.0.self_attn.q_proj.lora_A.weight
+    onetrainer  lora_transformer_language_model_layers_0_self_attn_q_proj.lora_down.weight (+ .alpha)
+    diffsynth   model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight
+
+Underscored names are ambiguous on their own (``self_attn`` vs ``self.attn``), so they are resolved against
+the architecture's linear layers, generalised over layer and block numbers (:class:`ModuleIndex`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from torch import nn
+
+from hidream_ft.convert.errors import ConvertError, listing
+
+SLOT = "#"  # stands for a layer / block number in a module template
+DIFFUSION_ROOT = "model."  # the diffusion model inside the HF model; relative styles name paths below it
+SAMPLE_MODULE = "model.language_model.layers.0.self_attn.q_proj"
+
+
+def template_of(path: str) -> str:
+    return ".".join(SLOT if part.isdigit() else part for part in path.split("."))
+
+
+class ModuleIndex:
+    """The linear layers of the architecture, as templates with numbered path segments generalised."""
+
+    def __init__(self, linear_paths: Iterable[str]):
+        self.templates = frozenset(template_of(path) for path in linear_paths)
+        self._flat_patterns = [
+            (re.compile("_".join(r"(\d+)" if part == SLOT else re.escape(part) for part in t.split("."))), t)
+            for t in sorted(self.templates)
+        ]
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "ModuleIndex":
+        return cls(name for name, module in model.named_modules() if isinstance(module, nn.Linear))
+
+    def contains(self, path: str) -> bool:
+        return template_of(path) in self.templates
+
+    def lookup(self, name: str, flat: bool) -> str | None:
+        """The HF module path spelled exactly ``name`` (dotted, or with every "." written as "_"), if any."""
+        if not flat:
+            return name if self.contains(name) else None
+        for pattern, template in self._flat_patterns:
+            match = pattern.fullmatch(name)
+            if match:
+                numbers = iter(match.groups())
+                return ".".join(next(numbers) if part == SLOT else part for part in template.split("."))
+        return None
+
+    def resolve(self, name: str, flat: bool) -> str | None:
+        """The HF module path named by ``name``, written in full or relative to the diffusion model."""
+        root = DIFFUSION_ROOT.replace(".", "_") if flat else DIFFUSION_ROOT
+        return self.lookup(name, flat) or self.lookup(root + name, flat)
+
+
+@lru_cache(maxsize=1)
+def architecture_index() -> ModuleIndex:
+    """Linear-layer templates of HiDream-O1, from a tiny meta-device build: the module tree does not depend
+    on the model's sizes, and the tiny config builds in milliseconds."""
+    from transformers import Qwen3VLConfig
+
+    from hidream_ft.model.loading import build_meta_model
+    from hidream_ft.model.tiny import tiny_config_dict, tiny_tokenizer
+
+    config = Qwen3VLConfig.from_dict(tiny_config_dict(tiny_tokenizer(), text_layers=2))
+    return ModuleIndex.from_model(build_meta_model(config, tms_token_id=0))
+
+
+DOWN, UP, ALPHA = "down", "up", "alpha"
+_PART = re.compile(
+    r"^(?P<stem>.+?)\.(?:(?P<peft>lora_[AB])(?:\.default)?\.weight|(?P<kohya>lora_down|lora_up)\.weight|alpha)$"
+)
+_PART_NAMES = {"lora_A": DOWN, "lora_B": UP, "lora_down": DOWN, "lora_up": UP}
+
+
+def is_lora_key(key: str) -> bool:
+    return _PART.match(key) is not None
+
+
+@dataclass(frozen=True)
+class KeyStyle:
+    name: str
+    prefix: str
+    flat: bool  # "." in the module path written as "_"
+    relative: bool  # the path is written without its leading "model." (relative to the diffusion model)
+    kohya_names: bool  # lora_down / lora_up rather than lora_A / lora_B
+    # Where the scale lives: an .alpha tensor "always" or "if_not_rank" (scale = alpha / rank), "config"
+    # (PEFT: adapter_config.json) or "none" (the tool trains with alpha = rank, i.e. scale 1).
+    alpha: str
+    adapter_infix: str = ""  # PEFT adapter name inside the key, e.g. ".default"
+    writable: bool = False
+
+    def module_name(self, path: str) -> str | None:
+        """The name this style gives the module at HF path ``path``; None if the style cannot express it."""
+        if self.relative:
+            if not path.startswith(DIFFUSION_ROOT):
+                return None
+            path = path[len(DIFFUSION_ROOT):]
+        return self.prefix + (path.replace(".", "_") if self.flat else path)
+
+    def key(self, path: str, part: str) -> str:
+        name = self.module_name(path)
+        if name is None:
+            raise ConvertError(f"the {self.name} style cannot name {path}: it only covers modules under model.")
+        if part == ALPHA:
+            return f"{name}.alpha"
+        suffix = {DOWN: "lora_down", UP: "lora_up"} if self.kohya_names else {DOWN: "lora_A", UP: "lora_B"}
+        return f"{name}.{suffix[part]}{self.adapter_infix}.weight"
+
+    def examples(self) -> list[str]:
+        parts = [DOWN, UP] + ([ALPHA] if self.alpha in ("always", "if_not_rank") else [])
+        return [self.key(SAMPLE_MODULE, part) for part in parts]
+
+
+STYLES = {
+    style.name: style
+    for style in [
+        KeyStyle("peft", "base_model.model.", flat=False, relative=False, kohya_names=False, alpha="config",
+                 writable=True),
+        KeyStyle("comfyui", "diffusion_model.", flat=False, relative=True, kohya_names=False, alpha="if_not_rank",
+                 writable=True),
+        KeyStyle("kohya", "lora_unet_", flat=True, relative=True, kohya_names=True, alpha="always", writable=True),
+        KeyStyle("musubi", "lora_unet_", flat=True, relative=False, kohya_names=True, alpha="always", writable=True),
+        KeyStyle("ai-toolkit", "transformer.", flat=False, relative=True, kohya_names=False, alpha="none"),
+        KeyStyle("onetrainer", "lora_transformer_", flat=True, relative=True, kohya_names=True, alpha="always"),
+        KeyStyle("diffsynth", "", flat=False, relative=False, kohya_names=False, alpha="none",
+                 adapter_infix=".default"),
+    ]
+}
+WRITABLE_STYLES = [name for name, style in STYLES.items() if style.writable]
+
+
+def _style_of_stem(stem: str, index: ModuleIndex) -> tuple[KeyStyle, str]:
+    """(style, module name without prefix) for a key stem; kohya and musubi share their prefix and differ in
+    whether the path keeps its leading ``model``."""
+    for style in STYLES.values():
+        if style.prefix and stem.startswith(style.prefix):
+            name = stem[len(style.prefix):]
+            if style.name == "kohya" and index.lookup(name, flat=True) is not None:
+                return STYLES["musubi"], name
+            return style, name
+    return STYLES["diffsynth"], stem
+
+
+def unknown_style_message(where: str, keys: Iterable[str]) -> str:
+    examples = "; ".join(f"{style.name}: {', '.join(style.examples())}" for style in STYLES.values())
+    return (f"{where}: not a LoRA in any known key style (first keys: {listing(keys, 4)}). "
+            f"Expected keys like — {examples}")
+
+
+@dataclass
+class ParsedKeys:
+    style: KeyStyle
+    parts: dict[str, dict[str, str]]  # HF module path -> {down/up/alpha: original key}
+
+
+def parse_lora_keys(keys: Iterable[str], where: str, index: ModuleIndex | None = None) -> ParsedKeys:
+    """Detect the key style and map every key to (module path, part); raise listing what does not fit."""
+    index = index or architecture_index()
+    keys = list(keys)
+    by_style: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+    not_lora = []
+    for key in keys:
+        match = _PART.match(key)
+        if match is None:
+            not_lora.append(key)
+            continue
+        style, name = _style_of_stem(match["stem"], index)
+        kind = match["peft"] or match["kohya"]
+        part = _PART_NAMES[kind] if kind else ALPHA
+        by_style[style.name].append((key, name, part))
+    if not by_style:
+        raise ConvertError(unknown_style_message(where, keys))
+    style_name = max(by_style, key=lambda name: len(by_style[name]))
+    style = STYLES[style_name]
+    unmatched = not_lora + [key for name, found in by_style.items() if name != style_name for key, _, _ in found]
+    parts: dict[str, dict[str, str]] = defaultdict(dict)
+    duplicates = []
+    for key, name, part in by_style[style_name]:
+        path = index.resolve(name, style.flat)
+        if path is None:
+            unmatched.append(key)
+        elif part in parts[path]:
+            duplicates.append(f"{parts[path][part]} and {key}")
+        else:
+            parts[path][part] = key
+    if duplicates:
+        raise ConvertError(f"{where}: several keys for the same LoRA weight: {listing(duplicates, 4)}")
+    if unmatched:
+        raise ConvertError(
+            f"{where}: {len(unmatched)} keys do not match the {style.name} LoRA style of this file or name no "
+            f"linear layer of HiDream-O1: {listing(unmatched)} (expected keys like {', '.join(style.examples())})"
+        )
+    incomplete = [f"{path} (has only {', '.join(sorted(found))})" for path, found in parts.items()
+                  if DOWN not in found or UP not in found]
+    if incomplete:
+        raise ConvertError(f"{where}: LoRA modules without both down (A) and up (B) weights: {listing(incomplete)}")
+    return ParsedKeys(style, dict(parts))

@@ -1,0 +1,164 @@
+"""Index of local image folders: images, captions (``.txt`` sidecars or ``metadata.jsonl``), sizes, repeats.
+
+Scanning reads only image headers, so an index of 100k images takes seconds; larger sets should be packed
+into shards (``python -m hidream_ft.data.pack``), whose samples carry their size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from hidream_ft.config import ConfigError, FolderSource
+from hidream_ft.data.captions import decode_caption
+from hidream_ft.data.images import IMAGE_EXTENSIONS, BadImage, probe_size
+from hidream_ft.data.stats import record
+
+METADATA_FILE = "metadata.jsonl"
+
+
+@dataclass(frozen=True)
+class FolderItem:
+    key: str
+    path: str
+    caption: str  # metadata caption or sidecar text, plus metadata tags; "" when missing (policy "empty")
+    weight: float
+    width: int  # as displayed (after EXIF orientation)
+    height: int
+    repeats: int
+
+
+def sample_key(relative: PurePosixPath) -> str:
+    """Relative path without the image extension. Dots in the file name become '_' because WebDataset
+    splits a tar member name at its first dot into key and extension."""
+    return str(relative.with_name(relative.stem.replace(".", "_")))
+
+
+def _is_image(name: str) -> bool:
+    return name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS and "." in name
+
+
+def _walk(root: Path) -> tuple[list[Path], list[Path]]:
+    """Image files and metadata files under ``root``, in a stable order; hidden entries (like macOS '._x.jpg'
+    resource forks or .ipynb_checkpoints copies) are ignored."""
+    images, metadata = [], []
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            if name == METADATA_FILE:
+                metadata.append(Path(directory, name))
+            elif _is_image(name):
+                images.append(Path(directory, name))
+    return images, metadata
+
+
+def _read_metadata(files: list[Path], counts: Counter) -> dict[Path, dict]:
+    """``metadata.jsonl`` entries keyed by the image path they name (``file_name`` is relative to the
+    metadata file's folder)."""
+    entries = {}
+    for file in files:
+        for number, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                name = entry["file_name"]
+                weight = float(entry.get("weight", 1.0))
+                tags = entry.get("tags", [])
+                valid = isinstance(name, str) and weight >= 0 and isinstance(tags, list)
+            except (ValueError, KeyError, TypeError):
+                valid = False
+            if not valid:
+                record(counts, "metadata_invalid", f"{file}:{number}: expected a JSON object with 'file_name'")
+                continue
+            entries[Path(os.path.normpath(file.parent / name))] = entry
+    return entries
+
+
+def _caption(image: Path, entry: dict | None, counts: Counter) -> str | None:
+    caption = None
+    if entry is not None and isinstance(entry.get("caption", entry.get("text")), str):
+        caption = entry.get("caption", entry.get("text"))
+    else:
+        sidecar = image.with_suffix(".txt")
+        if sidecar.is_file():
+            caption = decode_caption(sidecar.read_bytes(), counts, str(sidecar))
+    tags = [str(tag).strip() for tag in (entry or {}).get("tags", []) if str(tag).strip()]
+    parts = [part for part in [(caption or "").strip(), ", ".join(tags)] if part]
+    return ", ".join(parts) if parts else None
+
+
+def _root(source: FolderSource) -> Path:
+    root = Path(source.path).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data.folders: {source.path!r} is not a directory")
+    return root.resolve()
+
+
+def scan_folder(
+    source: FolderSource, missing_caption: str, counts: Counter, key_base: Path | None = None,
+    seen_keys: dict | None = None,
+) -> list[FolderItem]:
+    """Items of one folder; keys are paths relative to ``key_base`` (default: the folder itself) and must be
+    unique within ``seen_keys`` (shared between the folders of one dataset)."""
+    root = _root(source)
+    key_base = key_base or root
+    seen_keys = {} if seen_keys is None else seen_keys
+    images, metadata_files = _walk(root)
+    metadata = _read_metadata(metadata_files, counts)
+    items, matched = [], set()
+    for image in images:
+        key = sample_key(PurePosixPath(image.relative_to(key_base).as_posix()))
+        if key in seen_keys:
+            record(counts, "duplicate_key_skipped", f"{image}: same name as {seen_keys[key]}; keeping the first")
+            continue
+        seen_keys[key] = image
+        entry = metadata.get(Path(os.path.normpath(image)))
+        if entry is not None:
+            matched.add(Path(os.path.normpath(image)))
+        try:
+            width, height = probe_size(str(image), str(image))
+        except BadImage as e:
+            record(counts, "corrupt_image", str(e))
+            continue
+        caption = _caption(image, entry, counts)
+        if caption is None:
+            if missing_caption == "skip":
+                record(counts, "caption_missing_skipped", f"{image}: no caption (missing_caption = 'skip')")
+                continue
+            record(counts, "caption_missing_empty", f"{image}: no caption, training it with the empty prompt")
+        weight = float(entry.get("weight", 1.0)) if entry is not None else 1.0
+        items.append(FolderItem(key, str(image), caption or "", weight, width, height, source.num_repeats))
+    for path in sorted(set(metadata) - matched):
+        record(counts, "metadata_unmatched", f"{path}: named in {METADATA_FILE} but not an image found here")
+    return items
+
+
+def scan_folders(sources: list[FolderSource], missing_caption: str, counts: Counter) -> list[FolderItem]:
+    """All folders' items. Keys are relative to the folders' common parent ('cats/001' and 'dogs/001' for
+    folders .../cats and .../dogs; just '001' for a single folder), so they are unique across folders."""
+    roots = [_root(source) for source in sources]
+    duplicates = [str(root) for root in roots if roots.count(root) > 1]
+    if duplicates:
+        raise ConfigError(f"data.folders: {duplicates[0]} is listed twice; use num_repeats to repeat a folder")
+    key_base = Path(os.path.commonpath(roots)) if len(roots) > 1 else roots[0]
+    seen_keys: dict = {}
+    items = [item for source in sources for item in scan_folder(source, missing_caption, counts, key_base, seen_keys)]
+    if not items:
+        folders = ", ".join(source.path for source in sources)
+        raise ConfigError(f"data.folders: no usable image (.{', .'.join(IMAGE_EXTENSIONS)}) found in {folders}")
+    return items
+
+
+def fingerprint(items: list[FolderItem]) -> str:
+    """Identifies the indexed data; a saved data position is only meaningful for the same fingerprint."""
+    digest = hashlib.blake2b(digest_size=12)
+    for item in items:
+        digest.update(f"{item.key}\0{item.width}\0{item.height}\0{item.repeats}\n".encode())
+    return digest.hexdigest()

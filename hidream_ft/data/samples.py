@@ -1,0 +1,56 @@
+"""The training sample handed to the trainer's collate function, and how one is made from an image."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from hidream_ft.config import DataConfig
+from hidream_ft.data.buckets import Bucket
+from hidream_ft.data.captions import build_caption
+from hidream_ft.data.images import BadImage, render_image
+from hidream_ft.data.stats import record
+
+
+@dataclass
+class Sample:
+    pixels: torch.Tensor  # float32 [3, H, W] in [-1, 1]; (W, H) is the bucket, multiples of 32
+    caption: str  # trigger, tag shuffle and caption dropout already applied
+    key: str
+    weight: float = 1.0  # per-sample loss weight (metadata "weight")
+    task: str = "t2i"
+    references: list[torch.Tensor] = field(default_factory=list)  # reserved for edit / IP-adapter samples
+    # Seeds this draw's σ and ε: fixed by seed and data position, so noise survives resumes and resharding.
+    noise_seed: int = 0
+
+
+def rng_for(*parts) -> random.Random:
+    """A generator determined by ``parts`` alone (string seeds are hashed with SHA-512, independent of the
+    process and of PYTHONHASHSEED), so every random choice is reproducible from seed and data position."""
+    return random.Random("hidream-ft:" + ":".join(map(str, parts)))
+
+
+def make_sample(
+    source: str | bytes,
+    name: str,
+    key: str,
+    caption: str,
+    weight: float,
+    bucket: Bucket,
+    cfg: DataConfig,
+    seed_parts: tuple,
+    counts: Counter,
+) -> Sample | None:
+    """The sample for one image, or None (counted as ``corrupt_image``) when it cannot be decoded. Crop and
+    caption draw from separate generators so that changing a caption setting leaves the crops alone."""
+    offset = rng_for("crop", *seed_parts).random() if cfg.crop == "random" else 0.5
+    try:
+        pixels = render_image(source, bucket, offset, counts, name)
+    except BadImage as e:
+        record(counts, "corrupt_image", str(e))
+        return None
+    return Sample(pixels, build_caption(caption, cfg, rng_for("caption", *seed_parts)), key, weight,
+                  noise_seed=rng_for("noise", *seed_parts).getrandbits(63))

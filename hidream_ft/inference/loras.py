@@ -1,0 +1,70 @@
+"""LoRAs at sampling time: ``PATH[:WEIGHT]`` specs, and adapters applied without touching the base weights.
+
+Adapters are applied as forward hooks that add Σ wᵢ·scaleᵢ·Bᵢ(Aᵢ x) to each targeted linear's output, so the
+base weights stay exact (no bf16 merge rounding), several adapters stack, and leaving the ``with`` block
+restores the base model: one loaded model serves every column of a comparison grid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hidream_ft.convert.adapter import LoraAdapter, check_fits, stack_adapters
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``path`` or ``path:weight`` → (path, weight); the weight defaults to 1."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass  # a ':' inside the path itself
+    if not spec:
+        raise ValueError("empty LoRA spec; expected PATH or PATH:WEIGHT")
+    return spec, 1.0
+
+
+def _add_low_rank(down: torch.Tensor, up: torch.Tensor, module: nn.Module, args, output: torch.Tensor):
+    return output + F.linear(F.linear(args[0], down), up)
+
+
+@contextlib.contextmanager
+def lora_applied(model: nn.Module, weighted: Sequence[tuple[LoraAdapter, float]]):
+    """Run the block with every (adapter, weight) added to ``model``'s linears; no-op for an empty list."""
+    if not weighted:
+        yield model
+        return
+    adapter = stack_adapters(weighted)
+    check_fits(adapter, {name: p.shape for name, p in model.named_parameters()}, "the model")
+    handles = []
+    try:
+        for path, module in adapter.modules.items():
+            linear = model.get_submodule(path)
+            weight = linear.weight
+            down = module.down.to(weight.device, weight.dtype)
+            up = (module.scale * module.up.float()).to(weight.device, weight.dtype)
+            handles.append(linear.register_forward_hook(partial(_add_low_rank, down, up)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def lora_label(path: str | Path, weight: float) -> str:
+    """A short column label: the adapter's name (a run's name for its adapter/ or step-N/), and its weight."""
+    path = Path(path)
+    if path.name.startswith("step-") and path.parent.name == "checkpoints":
+        name = f"{path.parent.parent.name}@{path.name[len('step-'):].lstrip('0') or '0'}"
+    elif path.name == "adapter":
+        name = path.parent.name
+    else:
+        name = path.stem or path.name
+    return name if weight == 1.0 else f"{name} x{weight:g}"

@@ -1,0 +1,104 @@
+"""Text-to-image sampling with the official inference math (spec §5; docs/sampling.md).
+
+    z ← noise_scale · randn(1, 3, H, W)  (CPU generator seeded seed + 1), patchified
+    for each step:  x̂0 = model(z, t = 1 - timestep/1000)
+                    v = (x̂0 - z) / max(timestep/1000, 1e-3)            (fp32)
+                    v = v_u + g·(v_c - v_u)                             (CFG, prompt " " for v_u)
+                    z ← solver(z, dz/dσ = -v)
+    image = (z + 1)/2, unpatchified, clipped, rounded
+
+All randomness comes from CPU generators owned by the call, so a (prompt, settings) pair gives the same
+image on any device and any rank, and the caller's global RNG state is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hidream_ft.diffusion import patchify, unpatchify
+from hidream_ft.inference.settings import SamplingSettings
+from hidream_ft.inference.solvers import make_solver
+from hidream_ft.model.layout import EMPTY_PROMPT, LayoutBatch, SpecialTokens, build_t2i_layout, collate_layouts
+
+SIGMA_FLOOR = 1e-3  # the official T_EPS: the velocity's σ is never below this
+
+
+def initial_noise(seed: int, height: int, width: int, noise_scale: float) -> tuple[torch.Tensor, torch.Generator]:
+    """Patchified start state [1, N, 3072] (fp32, CPU) and the generator, for solvers that draw more noise."""
+    generator = torch.Generator("cpu").manual_seed(seed + 1)
+    noise = torch.randn(1, 3, height, width, generator=generator, dtype=torch.float32)
+    return patchify(noise_scale * noise), generator
+
+
+def guided_velocity(x_pred: torch.Tensor, z: torch.Tensor, sigma: float, cfg: float) -> torch.Tensor:
+    """v = (x̂0 - z)/max(σ, 1e-3) per row in fp32; two rows (conditional, unconditional) → v_u + g·(v_c - v_u)."""
+    v = (x_pred.float() - z.float()) / max(sigma, SIGMA_FLOOR)
+    if v.shape[0] == 1:
+        return v
+    if v.shape[0] != 2:
+        raise ValueError(f"expected 1 or 2 prediction rows (conditional[, unconditional]), got {v.shape[0]}")
+    conditional, unconditional = v[:1], v[1:]
+    return unconditional + cfg * (conditional - unconditional)
+
+
+def prompt_inputs(tokenizer, tokens: SpecialTokens, prompts: list[str], height: int, width: int) -> LayoutBatch:
+    """One left-padded batch with a T2I layout per prompt (the text lengths may differ)."""
+    return collate_layouts([build_t2i_layout(tokenizer, tokens, p, height, width) for p in prompts], tokens.pad)
+
+
+def predict_x0(model: nn.Module, inputs: LayoutBatch, z: torch.Tensor, timestep: float) -> torch.Tensor:
+    """One forward for every row of ``inputs``, all on the same state ``z`` [1, N, 3072]: x̂0 [B, N, 3072]."""
+    rows = inputs.input_ids.shape[0]
+    t = torch.full((rows,), 1.0 - timestep / 1000.0, dtype=torch.float32, device=z.device)
+    return model(**inputs.model_inputs(), vinputs=z.expand(rows, -1, -1), timestep=t)
+
+
+def to_uint8(z: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Patch state in [-1, 1] → image uint8 [3, H, W] on the CPU."""
+    image = unpatchify((z.float() + 1.0) / 2.0, height, width)[0]
+    return image.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).cpu()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    tokens: SpecialTokens,
+    prompt: str,
+    settings: SamplingSettings,
+    device: torch.device | str | None = None,
+    autocast: bool | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sample one image for ``prompt``; returns uint8 [3, height, width] on the CPU.
+
+    The conditional and unconditional (prompt " ") rows share one batched forward. ``autocast`` (default: on
+    for CUDA) runs the forwards under bf16 autocast as the official pipeline does, and then keeps z in bf16
+    between steps like it; otherwise z stays fp32. The model is used in whatever train/eval mode it is in.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    autocast = device.type == "cuda" if autocast is None else autocast
+    latent_dtype = torch.bfloat16 if autocast else torch.float32
+    schedule = settings.schedule()
+    prompts = [prompt, EMPTY_PROMPT] if settings.guided else [prompt]
+    inputs = prompt_inputs(tokenizer, tokens, prompts, settings.height, settings.width).to(device)
+    z, generator = initial_noise(settings.seed, settings.height, settings.width, settings.noise_scale)
+    z = z.to(device, latent_dtype)
+    solver = make_solver(settings.scheduler, schedule, generator, settings.noise_scale, settings.noise_scale_end,
+                         settings.noise_clip_std)
+    precision = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if autocast
+                 else contextlib.nullcontext())
+    for index, timestep in enumerate(tqdm(schedule.timesteps, disable=not progress, desc="sampling")):
+        with precision:
+            x_pred = predict_x0(model, inputs, z, timestep)
+        v = guided_velocity(x_pred, z, timestep / 1000.0, settings.cfg)
+        z = solver.step(index, z, -v)
+    return to_uint8(z, settings.height, settings.width)

@@ -1,0 +1,144 @@
+"""Stop cleanly when SLURM is about to take the job away, on every rank at the same step.
+
+SLURM warns a job before it ends it:
+
+* ``SIGUSR2`` ``signal_delay_s`` seconds before the time limit (``--signal=USR2@120``, set by both launch routes),
+  and at preemption on clusters with ``PreemptParameters=send_user_signal``. The job should checkpoint and be
+  **requeued**. USR2 rather than submitit's historical USR1, because NCCL claims USR1.
+* ``SIGTERM`` at preemption and at ``scancel``. The job should checkpoint and **exit**; SLURM itself requeues a
+  preempted job that was submitted with ``--requeue`` (PreemptMode=REQUEUE), and a cancelled job stays cancelled.
+
+The signal handler only records which of the two arrived. At each step boundary the training loop calls
+:meth:`PreemptionHandler.should_stop`, a one-integer all-reduce (MAX), so every rank takes the same decision at
+the same step even when the signal reached the ranks at different times::
+
+    preemption = PreemptionHandler(device).install()   # main thread, after the process group exists
+    for step ...:
+        ...optimizer step...
+        if preemption.should_stop():                   # every rank, every step (it is a collective)
+            save_checkpoint(step)                      # a complete checkpoint; resume = "auto" finds it
+            preemption.requeue_exit()                  # never returns
+
+:meth:`PreemptionHandler.requeue_exit` hands a USR2 stop to the handler that owned USR2 before ours — under
+submitit that is submitit's, which pickles the job for resubmission and runs ``scontrol requeue`` (rank 0) —
+and exits with :data:`PREEMPTED_EXIT_CODE`. Under ``torchrun`` in the ``slurm/*.sbatch`` scripts the batch shell
+requeues the job instead, once the step has ended.
+
+SLURM signals every process of a job step, data-loader workers included; a worker killed by it would make the
+main process's DataLoader raise before the checkpoint is written. Workers therefore call
+:func:`ignore_preemption_signals` from their ``worker_init_fn``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any, NoReturn
+
+import torch
+import torch.distributed as dist
+
+REQUEUE_SIGNAL = signal.SIGUSR2
+STOP_SIGNAL = signal.SIGTERM
+# EX_TEMPFAIL from sysexits.h: the work is unfinished and may be retried.
+PREEMPTED_EXIT_CODE = 75
+
+# Levels all-reduced with MAX: a requeue request from any rank wins over a plain stop.
+_RUN, _STOP, _REQUEUE = 0, 1, 2
+_LEVEL_OF_SIGNAL = {STOP_SIGNAL: _STOP, REQUEUE_SIGNAL: _REQUEUE}
+
+
+def ignore_preemption_signals(worker_id: int | None = None) -> None:
+    """Make this process ignore the preemption signals; usable as (or from) a DataLoader ``worker_init_fn``.
+
+    Only the training processes act on the signals; a worker that ignores them keeps serving batches until the
+    main process has checkpointed and shuts the loader down.
+    """
+    for signum in _LEVEL_OF_SIGNAL:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces only CUDA tensors; every other backend takes CPU tensors."""
+    if "nccl" in str(dist.get_backend()) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class PreemptionHandler:
+    """Records SIGUSR2 / SIGTERM and turns them into one agreed stop decision across ranks.
+
+    ``device`` is where the one-integer all-reduce runs (the trainer's device); by default the current CUDA
+    device with NCCL, else the CPU.
+    """
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device
+        self._received = _RUN
+        self._agreed = _RUN
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> PreemptionHandler:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PreemptionHandler.install() must run in the main thread (Python delivers "
+                               "signals only there)")
+        for signum in _LEVEL_OF_SIGNAL:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def uninstall(self) -> None:
+        """Give the signals back to the handlers that owned them before :meth:`install`."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def __enter__(self) -> PreemptionHandler:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._received = max(self._received, _LEVEL_OF_SIGNAL[signum])
+        rank = os.environ.get("RANK", "0")
+        # os.write, not print: a handler that prints while the loop prints raises "reentrant call".
+        os.write(2, f"[rank {rank}] caught {signal.Signals(signum).name}: checkpointing and stopping at the end "
+                    f"of this step\n".encode())
+
+    @property
+    def signal_received(self) -> bool:
+        """Whether this process caught a preemption signal (no communication; use :meth:`should_stop` to act)."""
+        return self._received != _RUN
+
+    @property
+    def requeue_requested(self) -> bool:
+        """Whether the agreed stop is a time-limit/preemption warning (USR2) that asks for a requeue."""
+        return self._agreed == _REQUEUE
+
+    def should_stop(self) -> bool:
+        """True on every rank as soon as any rank caught a signal; a collective: call it on all ranks alike."""
+        level = self._received
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([level], dtype=torch.int32, device=self.device or _collective_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            level = int(flag.item())
+        self._agreed = max(self._agreed, level)
+        return self._agreed != _RUN
+
+    def requeue_exit(self) -> NoReturn:
+        """After the checkpoint: requeue the job when USR2 asked for it, then exit with PREEMPTED_EXIT_CODE.
+
+        Call it on every rank. The barrier makes sure no rank requeues (which makes SLURM kill the job) while
+        another is still writing its checkpoint shards.
+        """
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        previous = self._previous.get(REQUEUE_SIGNAL)
+        self.uninstall()
+        if self.requeue_requested and callable(previous):
+            # submitit's handler: on rank 0 it dumps the resubmission, requeues and exits; elsewhere it returns.
+            previous(REQUEUE_SIGNAL, None)
+        sys.exit(PREEMPTED_EXIT_CODE)

@@ -1,0 +1,250 @@
+"""Generate images with HiDream-O1-Image and optional LoRAs (docs/sampling.md).
+
+    python -m hidream_ft.sample --model DIR --prompt "a red fox" [--lora FILE_OR_DIR[:WEIGHT] ...]
+        [--preset full|dev|dev-2604] [--steps 50] [--cfg 5] [--shift 3] [--scheduler unipc|flow_match|flash]
+        [--timesteps dev|999,987,...] [--seed 0] [--size 1024x1024] --out image.png
+
+    python -m hidream_ft.sample grid --config grid.toml
+    python -m hidream_ft.sample grid --model DIR --prompt P1 --prompt P2 \\
+        --column base --column "style=runs/style/adapter" --column "=a.safetensors,b.safetensors:0.5" --out grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+from hidream_ft.config import ConfigError, _build
+from hidream_ft.inference.grid import GridColumn, render_grid, to_pil
+from hidream_ft.convert import load_adapter
+from hidream_ft.inference.loras import lora_applied, lora_label, parse_lora_spec
+from hidream_ft.inference.pipeline import generate
+from hidream_ft.inference.schedules import DEFAULT_TIMESTEPS, SCHEDULERS
+from hidream_ft.inference.settings import RECIPES, SamplingSettings
+from hidream_ft.model import SpecialTokens, load_hf_config, load_model, load_tokenizer
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class GridColumnSpec:
+    label: str = ""  # empty: derived from the LoRA names ("base" without LoRAs)
+    loras: list[str] = field(default_factory=list)  # PATH or PATH:WEIGHT
+
+
+@dataclass
+class GridFile:
+    """The ``grid --config`` TOML file; ``[sampling]`` takes the sampler keys, over the ``preset`` recipe."""
+
+    model: str = ""
+    out: str = "grid.png"
+    prompts: list[str] = field(default_factory=list)
+    columns: list[GridColumnSpec] = field(default_factory=lambda: [GridColumnSpec()])
+    preset: Literal["full", "dev", "dev-2604"] = "full"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    device: str = ""
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+    def check_complete(self, where: str) -> None:
+        """After the command-line flags are merged in (so not a ``validate`` run while the file is read)."""
+        if not self.model:
+            raise ConfigError(f"{where}: model is required (the HiDream-O1-Image folder)")
+        if not self.prompts:
+            raise ConfigError(f"{where}.prompts: at least one prompt is required")
+        if not self.columns:
+            raise ConfigError(f"{where}.columns: at least one column is required")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``WxH`` → (width, height)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 1024x1024") from None
+    return width, height
+
+
+def parse_timesteps(text: str) -> list[int]:
+    """``dev`` (the Dev model's 28 timesteps) or a comma-separated list of integers."""
+    if text == "dev":
+        return list(DEFAULT_TIMESTEPS)
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"timesteps {text!r}: expected 'dev' or integers like 999,500,100") from None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool) -> None:
+    parser.add_argument("--model", required=model_required, help="HiDream-O1-Image folder (official layout)")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default=None,
+                        help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu …; default: cuda if available")
+    parser.add_argument("--attention", choices=["split", "dense"], default="split")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (unset flags come from --preset)")
+    group.add_argument("--preset", choices=sorted(RECIPES), default=None,
+                       help="official recipe: full (default), dev, dev-2604")
+    group.add_argument("--steps", type=int)
+    group.add_argument("--cfg", type=float, help="guidance scale; ≤ 1 disables the unconditional pass")
+    group.add_argument("--shift", type=float)
+    group.add_argument("--scheduler", choices=SCHEDULERS)
+    group.add_argument("--timesteps", type=parse_timesteps, help="'dev' or 999,987,…: overrides --steps/--shift")
+    group.add_argument("--noise-scale", dest="noise_scale", type=float)
+    group.add_argument("--noise-scale-end", dest="noise_scale_end", type=float, help="flash: last-step noise")
+    group.add_argument("--noise-clip-std", dest="noise_clip_std", type=float, help="flash: clip noise (0 = off)")
+    group.add_argument("--seed", type=int)
+    group.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 32")
+
+
+def sampling_settings(args: argparse.Namespace, base: SamplingSettings | None = None) -> SamplingSettings:
+    """``base`` (default: the preset's recipe), then every sampling flag that was given."""
+    if base is None:
+        base = SamplingSettings(**RECIPES[args.preset or "full"])
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingSettings)
+             if getattr(args, f.name, None) is not None}
+    if args.size is not None:
+        given["width"], given["height"] = args.size
+    settings = dataclasses.replace(base, **given)
+    settings.validate("sampling")
+    return settings
+
+
+def load_for_sampling(path: str, dtype: str | None, device: str | None, attention: str):
+    """(model in eval mode, tokenizer, special tokens, device)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or "auto"
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    config = load_hf_config(path)
+    tokenizer = load_tokenizer(path)
+    tokens = SpecialTokens.from_tokenizer(tokenizer, config)
+    model = load_model(path, dtype=torch_dtype, device=device, attention=attention, tokenizer=tokenizer).eval()
+    return model, tokenizer, tokens, device
+
+
+def png_info(record: dict) -> PngInfo:
+    """The generation parameters, stored as a PNG text chunk so an image documents how it was made."""
+    info = PngInfo()
+    info.add_text("hidream_ft", json.dumps(record, sort_keys=True))
+    return info
+
+
+def save_png(image, out: str | Path, record: dict) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, format="PNG", pnginfo=png_info(record))
+    return out
+
+
+def run_single(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m hidream_ft.sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser, model_required=True)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE_OR_DIR[:WEIGHT]",
+                        help="LoRA file (any key style), PEFT folder or training run; repeat to stack")
+    parser.add_argument("--out", required=True, help="output PNG")
+    add_sampling_arguments(parser)
+    args = parser.parse_args(argv)
+    settings = sampling_settings(args)
+    specs = [parse_lora_spec(spec) for spec in args.lora]
+    loras = [(load_adapter(path), weight) for path, weight in specs]
+    model, tokenizer, tokens, device = load_for_sampling(args.model, args.dtype, args.device, args.attention)
+    with lora_applied(model, loras):
+        image = generate(model, tokenizer, tokens, args.prompt, settings, device, progress=True)
+    record = {"prompt": args.prompt, "model": args.model, "loras": [[p, w] for p, w in specs],
+              "settings": dataclasses.asdict(settings)}
+    return save_png(to_pil(image), args.out, record)
+
+
+def parse_column(text: str) -> GridColumnSpec:
+    """``LABEL``, ``LABEL=PATH[:W],PATH[:W]`` or ``=PATH[:W],…`` (label derived from the LoRA names)."""
+    label, sep, loras = text.partition("=")
+    if not sep:
+        return GridColumnSpec(label=text)
+    return GridColumnSpec(label=label, loras=[spec for spec in loras.split(",") if spec])
+
+
+def read_grid_file(path: str | Path) -> GridFile:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file not found: {path}")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    preset = table.get("preset", "full")
+    if preset not in RECIPES:
+        raise ConfigError(f"{path}: preset: {preset!r} is not one of {', '.join(map(repr, RECIPES))}")
+    sampling = table.get("sampling", {})
+    if not isinstance(sampling, dict):
+        raise ConfigError(f"{path}: sampling: expected a table, got {sampling!r}")
+    table = {**table, "sampling": {**RECIPES[preset], **sampling}}
+    try:
+        return _build(GridFile, table, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def run_grid(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m hidream_ft.sample grid",
+                                     description="Render a prompts × configurations comparison grid.")
+    parser.add_argument("--config", help="grid TOML file (docs/sampling.md); flags below override it")
+    add_model_arguments(parser, model_required=False)
+    parser.add_argument("--prompt", action="append", default=[], help="a grid row; repeat for more rows")
+    parser.add_argument("--column", action="append", default=[], type=parse_column,
+                        metavar="LABEL[=PATH[:W],…]", help="a grid column; repeat for more columns")
+    parser.add_argument("--out", help="output PNG")
+    add_sampling_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.config:
+        grid = read_grid_file(args.config)
+        if args.preset is not None:
+            parser.error("--preset cannot override a grid file; set preset in the file")
+        base = grid.sampling
+    else:
+        grid = GridFile()
+        base = None
+    grid.model = args.model or grid.model
+    grid.prompts = args.prompt or grid.prompts
+    grid.columns = args.column or grid.columns
+    grid.out = args.out or grid.out
+    grid.dtype = args.dtype or grid.dtype
+    grid.device = args.device or grid.device
+    grid.check_complete("grid")
+    settings = sampling_settings(args, base)
+    columns = []
+    for spec in grid.columns:
+        parsed = [parse_lora_spec(lora) for lora in spec.loras]
+        label = spec.label or " + ".join(lora_label(path, weight) for path, weight in parsed) or "base"
+        columns.append((GridColumn(label, [(load_adapter(path), weight) for path, weight in parsed]), spec))
+    model, tokenizer, tokens, device = load_for_sampling(grid.model, grid.dtype, grid.device or None,
+                                                         args.attention)
+    image = render_grid(model, tokenizer, tokens, grid.prompts, [c for c, _ in columns], settings, device,
+                        progress=True)
+    record = {"prompts": grid.prompts, "model": grid.model, "settings": dataclasses.asdict(settings),
+              "columns": [{"label": c.label, "loras": s.loras} for c, s in columns]}
+    return save_png(image, grid.out, record)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        out = run_grid(argv[1:]) if argv[:1] == ["grid"] else run_single(argv)
+    except (ValueError, OSError) as e:  # ConfigError, CheckpointError and ConvertError are ValueErrors
+        sys.exit(f"error: {e}")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

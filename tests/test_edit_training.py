@@ -1,0 +1,136 @@
+"""Training on edit / IP batches in one process: the collator, the target-only loss, LoRA on the ViT."""
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from hidream_ft.config import load_config
+from hidream_ft.data.collate import TextToImageCollator, TrainCollator
+from hidream_ft.diffusion import diffusion_loss, draw_sigmas_and_noise
+from hidream_ft.model.references import ConditionProcessor
+from hidream_ft.parallel.distributed import init_distributed
+from hidream_ft.train import Trainer, compute_loss
+
+
+@dataclass
+class FakeSample:
+    pixels: torch.Tensor
+    caption: str
+    key: str
+    weight: float = 1.0
+    task: str = "t2i"
+    references: list[torch.Tensor] = field(default_factory=list)
+    noise_seed: int = 0
+
+
+def pixels(height, width, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, height, width), generator=g).float() / 127.5 - 1.0
+
+
+def t2i_samples():
+    return [FakeSample(pixels(64, 64, 0), "a red circle", "t0", noise_seed=0),
+            FakeSample(pixels(64, 64, 1), "a green square on a blue background", "t1", noise_seed=1)]
+
+
+def edit_samples(num_references=1):
+    return [FakeSample(pixels(64, 64, 10 + i), caption, f"e{i}", task="edit",
+                       references=[pixels(64, 96, 20 + i + 7 * r) for r in range(num_references)], noise_seed=10 + i)
+            for i, caption in enumerate(["add a hat", "make it brighter"])]
+
+
+@pytest.fixture(scope="module")
+def collator(tiny_checkpoint, tokenizer, tokens):
+    return TrainCollator(tokenizer, tokens, 128, 0, ConditionProcessor.from_pretrained(tiny_checkpoint))
+
+
+def test_text_to_image_batches_are_unchanged(collator, tokenizer, tokens):
+    plain = TextToImageCollator(tokenizer, tokens, 128, seed=0)(t2i_samples())
+    batch = collator(t2i_samples())
+    assert batch.conditions is None
+    for name in ("input_ids", "position_ids", "token_types", "attention_mask"):
+        assert torch.equal(getattr(batch.layout, name), getattr(plain.layout, name)), name
+    assert torch.equal(batch.x0, plain.x0) and batch.noise_seeds == plain.noise_seeds
+    z = torch.zeros_like(batch.x0)
+    assert set(batch.model_inputs(z)) == {"input_ids", "position_ids", "token_types", "attention_mask", "vinputs"}
+
+
+def test_edit_batch_carries_references_after_the_target(collator, tokens):
+    samples = edit_samples()
+    batch = collator(samples)
+    assert batch.x0.shape == (2, 4, 3072)  # the target only: 64x64
+    assert batch.conditions.references.shape == (2, 6, 3072)  # one 64x96 reference each
+    assert batch.conditions.image_grid_thw.tolist() == [[1, 18, 28]] * 2
+    z = torch.randn_like(batch.x0)
+    inputs = batch.model_inputs(z)
+    assert torch.equal(inputs["vinputs"][:, :4], z) and torch.equal(inputs["vinputs"][:, 4:], batch.conditions.references)
+    assert inputs["token_types"].shape[1] == inputs["input_ids"].shape[1] + 10
+    assert (inputs["input_ids"] == tokens.image_pad).sum(1).tolist() == [126, 126]
+
+
+def test_batches_must_not_mix_tasks_or_reference_shapes(collator):
+    with pytest.raises(ValueError, match="mixes samples with and without references"):
+        collator([*edit_samples()[:1], *t2i_samples()[:1]])
+    one, two = edit_samples()
+    two.references = [pixels(64, 64, 3)]
+    with pytest.raises(ValueError, match="must share target and reference sizes"):
+        collator([one, two])
+    one.references = [pixels(32, 32, 4)] * 11
+    with pytest.raises(ValueError, match="sample e0: 11 reference images given; edit/IP layouts take 1 to 10"):
+        collator([one])
+
+
+def test_loss_is_computed_on_the_target_tokens_only(collator, tiny_model):
+    cfg = load_config(None, [])
+    batch = collator(edit_samples(num_references=2))
+    predicted_rows = []
+
+    def model(**kwargs):
+        out = tiny_model(**kwargs)
+        predicted_rows.append(out.shape[1])
+        return out
+
+    loss = compute_loss(model, batch, cfg)
+    assert predicted_rows == [batch.layout.num_target_tokens] == [4]
+    # The same draw by hand: predict every image token (target + 12 reference tokens), keep the target rows.
+    d = cfg.diffusion
+    sigmas, noise = draw_sigmas_and_noise(batch.noise_seeds, batch.x0.shape[1:], "cpu", method=d.timestep_sampling,
+                                          logit_mean=d.logit_mean, logit_std=d.logit_std, shift=d.shift,
+                                          sigma_min=d.sigma_min, sigma_max=d.sigma_max)
+    z = (1 - sigmas[:, None, None]) * batch.x0 + sigmas[:, None, None] * d.noise_scale * noise
+    full = tiny_model(**batch.model_inputs(z), timestep=1 - sigmas)
+    assert full.shape[1] == 4 + 12
+    torch.testing.assert_close(loss, diffusion_loss(full[:, :4], batch.x0, sigmas))
+    # References condition the prediction but are never supervised: other reference content, same rows.
+    batch.conditions.references = batch.conditions.references.flip(-1)
+    assert compute_loss(model, batch, cfg) != loss and predicted_rows[-1] == 4
+
+
+def make_trainer(tiny_checkpoint, tmp_path, *overrides):
+    cfg = load_config(None, [
+        f"model.path='{tiny_checkpoint}'", "model.dtype='float32'", "parallel.param_dtype='float32'",
+        f"logging.output_dir='{tmp_path}'", "optim.lr=1e-2", "train.max_steps=100", *overrides,
+    ])
+    return Trainer(cfg, init_distributed())
+
+
+def test_lora_on_the_vit_learns_from_edit_batches_and_gets_zero_grads_on_t2i(tiny_checkpoint, tmp_path, collator):
+    trainer = make_trainer(tiny_checkpoint, tmp_path, "lora.include_visual=true",
+                           "lora.train_heads=['x_embedder', 'final_layer2']")
+    visual = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad and ".visual." in n}
+    assert visual and all(".lora_" in n for n in visual)
+    edit, t2i = collator(edit_samples()), collator(t2i_samples())
+
+    compute_loss(trainer.model, t2i, trainer.cfg).backward()
+    for name, param in visual.items():
+        assert param.grad is not None and param.grad.abs().sum() == 0, name  # present, and exactly zero
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    compute_loss(trainer.model, edit, trainer.cfg).backward()
+    assert any(p.grad.abs().sum() > 0 for n, p in visual.items() if "lora_B" in n)
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    losses = [trainer.step([edit])["loss"] for _ in range(6)]
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert trainer.skipped_total == 0

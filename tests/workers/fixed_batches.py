@@ -1,0 +1,79 @@
+"""Run under torchrun by tests/test_distributed.py: train on a fixed global batch sequence, report as JSON.
+
+    torchrun --nproc_per_node R tests/workers/fixed_batches.py OUT.json STEPS [--save-at K] [--resume] --set KEY=VALUE...
+
+Every step's global batch is the same 4 samples whatever R is; rank r takes samples r, r+R, …, so runs on
+different numbers of ranks see identical data and noise (noise is seeded per sample).
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from hidream_ft.config import load_config
+from hidream_ft.data.collate import TextToImageCollator
+from hidream_ft.parallel.distributed import init_distributed
+from hidream_ft.train import Trainer
+
+GLOBAL_BATCH = 4
+CAPTIONS = ["a red circle", "a green square on a blue background", "a yellow triangle", "the lazy dog"]
+
+
+@dataclass
+class FixedSample:
+    pixels: torch.Tensor
+    caption: str
+    key: str
+    weight: float = 1.0
+    noise_seed: int = 0
+
+
+def global_batch(step: int) -> list[FixedSample]:
+    g = torch.Generator().manual_seed(step)
+    return [FixedSample(torch.rand(3, 64, 64, generator=g) * 2 - 1, CAPTIONS[i], f"s{i}", noise_seed=step * 100 + i)
+            for i in range(GLOBAL_BATCH)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("steps", type=int)
+    parser.add_argument("--save-at", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    env = init_distributed()
+    cfg = load_config(None, args.set)
+    trainer = Trainer(cfg, env)
+    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, 128, seed=cfg.train.seed)
+    start = trainer.resume()[0] if args.resume else 0
+    losses = {}
+    for step in range(start, args.steps):
+        mine = global_batch(step)[env.rank :: env.world_size]
+        losses[step + 1] = trainer.step([collate(mine)])["loss"]
+        if args.save_at and step + 1 == args.save_at:
+            trainer.save_checkpoint(step + 1, {"position": step + 1})
+            break
+    state = get_model_state_dict(trainer.model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    if env.is_main:
+        digest = hashlib.sha256()
+        for key in sorted(state):
+            digest.update(key.encode())
+            digest.update(state[key].float().numpy().tobytes())
+        params = {k: v.float().flatten()[:64].tolist() for k, v in sorted(state.items())}
+        with open(args.out, "w") as f:
+            json.dump({"losses": losses, "digest": digest.hexdigest(), "params": params,
+                       "world_size": env.world_size, "skipped": trainer.skipped_total}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
