@@ -110,12 +110,24 @@ class FolderSource:
 
     path: str = ""
     num_repeats: int = 1
+    # Edit / IP (docs/edit_ip.md): folders holding one control image per target under the same name.
+    control_dir: str = ""
+    control_dirs: list[str] = field(default_factory=list)
+    task: Literal["", "edit", "ip"] = ""  # "": edit for one control folder, ip for several
+
+    @property
+    def controls(self) -> list[str]:
+        return [self.control_dir] if self.control_dir else list(self.control_dirs)
 
     def validate(self, where: str) -> None:
         if not self.path:
             raise ConfigError(f"{where}.path: a folder path is required")
         if self.num_repeats < 1:
             raise ConfigError(f"{where}.num_repeats: must be at least 1, got {self.num_repeats}")
+        if self.control_dir and self.control_dirs:
+            raise ConfigError(f"{where}: set either control_dir or control_dirs, not both")
+        if self.task and not self.controls:
+            raise ConfigError(f"{where}.task: {self.task!r} needs control_dir or control_dirs")
 
 
 @dataclass
@@ -160,6 +172,8 @@ class DataConfig:
     prefetch_factor: int = 2
     pin_memory: bool = True
     max_text_tokens: int = 512
+    missing_control: Literal["skip", "error"] = "skip"  # a target without its control image (edit / IP)
+    task_weights: dict[str, float] = field(default_factory=dict)  # loss weight per task: t2i, edit, ip
 
     def __post_init__(self) -> None:
         self.folders = [FolderSource(path=f) if isinstance(f, str) else f for f in self.folders]
@@ -172,6 +186,11 @@ class DataConfig:
             )
         for i, folder in enumerate(self.folders):
             folder.validate(f"{where}.folders[{i}]")
+        for task, weight in self.task_weights.items():
+            if task not in ("t2i", "edit", "ip"):
+                raise ConfigError(f"{where}.task_weights: unknown task {task!r}; use t2i, edit or ip")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+                raise ConfigError(f"{where}.task_weights.{task}: expected a number ≥ 0, got {weight!r}")
         for key, value, low, high in [
             ("caption_dropout", self.caption_dropout, 0.0, 1.0),
             ("max_aspect", self.max_aspect, 1.0, float("inf")),

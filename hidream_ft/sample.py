@@ -2,11 +2,12 @@
 
     python -m hidream_ft.sample --model DIR --prompt "a red fox" [--lora FILE_OR_DIR[:WEIGHT] ...]
         [--preset full|dev|dev-2604] [--steps 50] [--cfg 5] [--shift 3] [--scheduler unipc|flow_match|flash]
-        [--timesteps dev|999,987,...] [--seed 0] [--size 1024x1024] --out image.png
+        [--timesteps dev|999,987,...] [--seed 0] [--size 1024x1024] [--reference IMAGE ...] --out image.png
 
     python -m hidream_ft.sample grid --config grid.toml
     python -m hidream_ft.sample grid --model DIR --prompt P1 --prompt P2 \\
         --column base --column "style=runs/style/adapter" --column "=a.safetensors,b.safetensors:0.5" --out grid.png
+        [--reference dog.png --reference cat.png,hat.png]      # rows = reference set × prompt (edit / IP)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from hidream_ft.inference.pipeline import generate
 from hidream_ft.inference.schedules import DEFAULT_TIMESTEPS, SCHEDULERS
 from hidream_ft.inference.settings import RECIPES, SamplingSettings
 from hidream_ft.model import SpecialTokens, load_hf_config, load_model, load_tokenizer
+from hidream_ft.model.references import ReferenceImages
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -48,6 +50,7 @@ class GridFile:
     model: str = ""
     out: str = "grid.png"
     prompts: list[str] = field(default_factory=list)
+    references: list[list[str]] = field(default_factory=list)  # edit / IP: one image set per row group
     columns: list[GridColumnSpec] = field(default_factory=lambda: [GridColumnSpec()])
     preset: Literal["full", "dev", "dev-2604"] = "full"
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
@@ -151,6 +154,8 @@ def run_single(argv: list[str]) -> Path:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, model_required=True)
     parser.add_argument("--prompt", required=True)
+    parser.add_argument("--reference", action="append", default=[], metavar="IMAGE",
+                        help="edit / IP reference image; repeat for several subjects (at most 10)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE_OR_DIR[:WEIGHT]",
                         help="LoRA file (any key style), PEFT folder or training run; repeat to stack")
     parser.add_argument("--out", required=True, help="output PNG")
@@ -159,11 +164,13 @@ def run_single(argv: list[str]) -> Path:
     settings = sampling_settings(args)
     specs = [parse_lora_spec(spec) for spec in args.lora]
     loras = [(load_adapter(path), weight) for path, weight in specs]
+    references = ReferenceImages.open(args.reference, args.model) if args.reference else None
     model, tokenizer, tokens, device = load_for_sampling(args.model, args.dtype, args.device, args.attention)
     with lora_applied(model, loras):
-        image = generate(model, tokenizer, tokens, args.prompt, settings, device, progress=True)
+        image = generate(model, tokenizer, tokens, args.prompt, settings, device, progress=True,
+                         references=references)
     record = {"prompt": args.prompt, "model": args.model, "loras": [[p, w] for p, w in specs],
-              "settings": dataclasses.asdict(settings)}
+              "references": args.reference, "settings": dataclasses.asdict(settings)}
     return save_png(to_pil(image), args.out, record)
 
 
@@ -202,6 +209,8 @@ def run_grid(argv: list[str]) -> Path:
     parser.add_argument("--config", help="grid TOML file (docs/sampling.md); flags below override it")
     add_model_arguments(parser, model_required=False)
     parser.add_argument("--prompt", action="append", default=[], help="a grid row; repeat for more rows")
+    parser.add_argument("--reference", action="append", default=[], metavar="IMAGE[,IMAGE…]",
+                        help="edit / IP reference set: rows become every (reference set, prompt) pair")
     parser.add_argument("--column", action="append", default=[], type=parse_column,
                         metavar="LABEL[=PATH[:W],…]", help="a grid column; repeat for more columns")
     parser.add_argument("--out", help="output PNG")
@@ -217,6 +226,7 @@ def run_grid(argv: list[str]) -> Path:
         base = None
     grid.model = args.model or grid.model
     grid.prompts = args.prompt or grid.prompts
+    grid.references = [spec.split(",") for spec in args.reference] or grid.references
     grid.columns = args.column or grid.columns
     grid.out = args.out or grid.out
     grid.dtype = args.dtype or grid.dtype
@@ -228,11 +238,14 @@ def run_grid(argv: list[str]) -> Path:
         parsed = [parse_lora_spec(lora) for lora in spec.loras]
         label = spec.label or " + ".join(lora_label(path, weight) for path, weight in parsed) or "base"
         columns.append((GridColumn(label, [(load_adapter(path), weight) for path, weight in parsed]), spec))
+    references = [(" + ".join(Path(p).name for p in paths), ReferenceImages.open(paths, grid.model))
+                  for paths in grid.references]
     model, tokenizer, tokens, device = load_for_sampling(grid.model, grid.dtype, grid.device or None,
                                                          args.attention)
     image = render_grid(model, tokenizer, tokens, grid.prompts, [c for c, _ in columns], settings, device,
-                        progress=True)
-    record = {"prompts": grid.prompts, "model": grid.model, "settings": dataclasses.asdict(settings),
+                        progress=True, references=references)
+    record = {"prompts": grid.prompts, "references": grid.references, "model": grid.model,
+              "settings": dataclasses.asdict(settings),
               "columns": [{"label": c.label, "loras": s.loras} for c, s in columns]}
     return save_png(image, grid.out, record)
 

@@ -1,6 +1,7 @@
 """Buckets, crop boxes, stages and the data section of the config."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,8 @@ def test_generated_buckets_are_patch_multiples_close_to_the_area():
         assert max(width / height, height / width) <= 2.5
     ratios = [w / h for w, h in buckets]
     assert ratios == sorted(ratios)
+    assert set(buckets) == {(h, w) for w, h in buckets}  # every landscape bucket has its portrait twin
+    assert len(buckets) == 23 and buckets[0] == (672, 1536)
 
 
 def test_bucket_step_and_max_aspect_limit_the_list():
@@ -171,3 +174,11 @@ def test_stage_validation_also_runs_for_directly_built_configs():
     cfg = DataConfig(folders=["/a"], stages=[DataStage(area=4096), DataStage(area=8192)])
     with pytest.raises(ConfigError, match=r"data\.stages\[0\]\.until_step"):
         cfg.validate("data")
+
+
+@pytest.mark.parametrize("name", ["data_folders.toml", "data_shards.toml"])
+def test_example_configs_load(name):
+    cfg = load_config(Path(__file__).parents[1] / "configs" / name).data
+    cfg.validate("data")
+    stages = resolve_stages(cfg, default_batch_size=2)
+    assert all(w % 32 == 0 and h % 32 == 0 for stage in stages for w, h in stage.buckets)

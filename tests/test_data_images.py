@@ -231,3 +231,11 @@ def test_metadata_jsonl_captions_weights_tags_and_duplicates(tmp_path):
     assert seen["c_v2"].caption == "dotted name"
     assert stats["metadata_invalid"] == 1 and stats["metadata_unmatched"] == 1
     assert stats["duplicate_key_skipped"] == 1
+
+
+def test_a_folder_of_only_undecodable_images_stops_with_a_clear_error(tmp_path):
+    for i in range(3):
+        truncated_jpeg(tmp_path / f"cut{i}.jpg")
+    cfg = DataConfig(folders=[str(tmp_path)], buckets=[[64, 64]])
+    with pytest.raises(RuntimeError, match="no image of a step 0 micro-batch"):
+        run_epoch(cfg, steps=1, workers=0)

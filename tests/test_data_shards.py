@@ -188,3 +188,9 @@ def test_bad_shard_content_is_counted_and_never_crashes(tmp_path):
     assert set(keys) <= {"good", "nosize", "badjson"} and len(keys) >= 2
     assert stats["corrupt_image"] >= 1 and stats["no_image_skipped"] >= 1
     assert stats["shard_read_error"] >= 1 and stats["metadata_invalid"] >= 1 and stats["caption_not_utf8"] >= 1
+
+
+def test_only_unreadable_shards_stop_with_a_clear_error(tmp_path):
+    cfg = DataConfig(shards=[str(tmp_path / "missing-{0..2}.tar")], buckets=[[64, 64]], num_workers=0)
+    with pytest.raises(RuntimeError, match="16 shards in a row gave no readable sample"):
+        collect(cfg, steps=1)

@@ -134,3 +134,29 @@ def test_lora_on_the_vit_learns_from_edit_batches_and_gets_zero_grads_on_t2i(tin
     losses = [trainer.step([edit])["loss"] for _ in range(6)]
     assert losses[-1] < 0.9 * losses[0], losses
     assert trainer.skipped_total == 0
+
+
+def test_training_run_on_mixed_text_to_image_and_edit_folders(tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    from hidream_ft.data.demo import write_demo_dataset
+    from hidream_ft.parallel.distributed import shutdown
+    from hidream_ft.train import run
+
+    write_demo_dataset(tmp_path / "t2i", n=2, size=(64, 64))
+    write_demo_dataset(tmp_path / "edit", n=2, size=(64, 64))
+    for index in range(2):
+        (tmp_path / "source").mkdir(exist_ok=True)
+        Image.new("RGB", (128, 64), (30, 90 * index, 200)).save(tmp_path / "source" / f"demo_{index:03d}.png")
+    cfg = load_config(None, [
+        f"model.path='{tiny_checkpoint}'", "model.dtype='float32'", "parallel.param_dtype='float32'",
+        f"logging.output_dir='{tmp_path / 'run'}'", "logging.tensorboard=false", "train.max_steps=4",
+        "lora.include_visual=true", "data.num_workers=0", "data.buckets=[[64, 64]]",
+        f"data.folders=['{tmp_path / 't2i'}', {{path='{tmp_path / 'edit'}', control_dir='{tmp_path / 'source'}'}}]",
+    ])
+    try:
+        result = run(cfg)
+    finally:
+        shutdown()
+    assert result["step"] == 4 and len(result["history"]) == 4 and result["skipped"] == 0
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,54 +1,24 @@
-"""launch.submit end to end on submitit's local and debug executors: process groups, preemption and requeue."""
+"""launch.submit end to end on submitit's local and debug executors: process groups, training, sweeps,
+preemption of a training run."""
 
 import json
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
-import submitit
 from submitit.core.utils import JobPaths
 
 import hidream_ft.train as train_module
 from hidream_ft.config import load_config
 from hidream_ft.data.demo import write_demo_dataset
-from hidream_ft.parallel.distributed import init_distributed, shutdown
-from hidream_ft.parallel.preemption import PreemptionHandler
 from launch import submit
-from launch.jobs import TRAIN_ENTRYPOINT, DistributedJob
+from launch.jobs import TRAIN_ENTRYPOINT
 from launch.sweep import plan
+from test_launch_preemption import descendants, wait_for
 
 pytestmark = pytest.mark.distributed
-TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture()
-def tests_importable(monkeypatch):
-    """Job processes import their entry point by name: let them find this module."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
-
-
-def wait_for(condition, what: str, timeout: float = 120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def task_pids(job: submitit.Job) -> dict[int, int]:
-    """{task rank: pid} of a local job's running tasks (children of its controller, whose pid is the job id)."""
-    controller = int(job.job_id)
-    children = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
-    pids = {}
-    for pid in map(int, children):
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        rank = next(int(v.split(b"=")[1]) for v in environ if v.startswith(b"SUBMITIT_LOCAL_GLOBALID="))
-        pids[rank] = pid
-    return pids
 
 
 def write_config(tmp_path, text: str) -> Path:
@@ -67,41 +37,6 @@ def test_two_task_local_job_forms_a_gloo_process_group(tmp_path, capsys):
 def test_debug_cluster_runs_the_task_in_this_process(tmp_path, capsys):
     assert submit.main(["--config", str(write_config(tmp_path, "")), "--cluster", "debug", "--check"]) == 0
     assert "'rank': 0, 'world_size': 1" in capsys.readouterr().out
-
-
-def counting_job(out_dir: str, steps: int) -> dict:
-    """The shape of the trainer's loop around a PreemptionHandler, with a step counter as the checkpoint."""
-    env = init_distributed()
-    out = Path(out_dir)
-    state = out / "state.json"
-    start = json.loads(state.read_text())["step"] if state.exists() else 0
-    try:
-        preemption = PreemptionHandler().install()
-        for step in range(start, steps):
-            time.sleep(0.01)
-            (out / f"rank{env.rank}-step{step}").touch()
-            if preemption.should_stop():
-                if env.rank == 0:
-                    state.write_text(json.dumps({"step": step + 1}))
-                preemption.requeue_exit()
-        preemption.uninstall()
-        return {"rank": env.rank, "started_at": start}
-    finally:
-        shutdown()
-
-
-def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step_and_requeues(tmp_path, tests_importable):
-    executor = submitit.LocalExecutor(tmp_path / "submitit")
-    executor.update_parameters(tasks_per_node=2, gpus_per_node=0, timeout_min=10)
-    job = executor.submit(DistributedJob("test_launch_local:counting_job", str(tmp_path), 40))
-    wait_for(lambda: (tmp_path / "rank0-step2").exists() and (tmp_path / "rank1-step2").exists(), "two steps")
-    os.kill(task_pids(job)[1], signal.SIGUSR2)  # only rank 1 hears it
-    results = job.results()
-    stopped_after = json.loads((tmp_path / "state.json").read_text())["step"]
-    assert 2 < stopped_after < 40
-    # Both ranks were restarted by the requeue and resumed where rank 0's "checkpoint" said.
-    assert results == [{"rank": 0, "started_at": stopped_after}, {"rank": 1, "started_at": stopped_after}]
-    assert all((tmp_path / f"rank{r}-step{s}").exists() for r in (0, 1) for s in range(40))
 
 
 # The trainer through the launcher: tiny model, demo images, two CPU ranks.
@@ -143,12 +78,13 @@ def complete_steps(run_dir: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def uninterrupted_run(train_config):
     config = train_config("uninterrupted")
-    assert submit.main(["--config", str(config), "--cluster", "local"]) == 0
+    assert submit.main(["--config", str(config), "--cluster", "local", "--then-export", "comfyui"]) == 0
     return load_config(config).logging.output_dir
 
 
-def test_local_job_trains_the_tiny_model_on_two_ranks(uninterrupted_run):
+def test_local_job_trains_the_tiny_model_on_two_ranks_then_exports(uninterrupted_run):
     run_dir = Path(uninterrupted_run)
+    assert (run_dir / "export" / "lora-comfyui.safetensors").stat().st_size > 0
     assert complete_steps(run_dir) == [TRAIN_STEPS]
     assert json.loads((run_dir / "checkpoints" / f"step-{TRAIN_STEPS:08d}" / "meta.json").read_text())[
         "world_size"] == 2
@@ -170,15 +106,6 @@ def test_sweep_points_run_as_an_array_each_in_its_own_run_dir(train_config, caps
         assert resolved.lora.rank == point["values"]["lora.rank"] and resolved.logging.output_dir == str(run_dir)
         adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
         assert adapter["r"] == point["values"]["lora.rank"]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``: the job's tasks and their data-loader workers, as SLURM would signal them."""
-    found = []
-    for thread in Path(f"/proc/{pid}/task").iterdir():
-        for child in map(int, (thread / "children").read_text().split()):
-            found += [child, *descendants(child)]
-    return found
 
 
 @pytest.mark.skipif("PreemptionHandler" not in Path(train_module.__file__).read_text(),

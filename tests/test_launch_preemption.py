@@ -1,16 +1,25 @@
-"""PreemptionHandler in one process: which signal asks for what, handler hand-over, workers ignoring signals."""
+"""PreemptionHandler: which signal asks for what, handler hand-over, workers ignoring signals, and agreement and
+requeue across the two ranks of a submitit job (with a stand-in for the training loop)."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
+import submitit
 
+from hidream_ft.parallel.distributed import init_distributed, shutdown
 from hidream_ft.parallel.preemption import (
     PREEMPTED_EXIT_CODE, PreemptionHandler, ignore_preemption_signals,
 )
+from launch.jobs import DistributedJob
+
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture()
@@ -98,3 +107,77 @@ def test_ignore_preemption_signals_is_a_worker_init_fn():
     finally:
         signal.signal(signal.SIGUSR2, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
+
+
+# Across processes. This module stays light: job processes import it for counting_job.
+
+@pytest.fixture()
+def tests_importable(monkeypatch):
+    """Job processes import their entry point by name: let them find this module."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+
+
+def wait_for(condition, what: str, timeout: float = 120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def task_pids(job: submitit.Job) -> dict[int, int]:
+    """{task rank: pid} of a local job's running tasks (children of its controller, whose pid is the job id)."""
+    controller = int(job.job_id)
+    children = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
+    pids = {}
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = next(int(v.split(b"=")[1]) for v in environ if v.startswith(b"SUBMITIT_LOCAL_GLOBALID="))
+        pids[rank] = pid
+    return pids
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``: the job's tasks and their data-loader workers, as SLURM would signal them."""
+    found = []
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        for child in map(int, (thread / "children").read_text().split()):
+            found += [child, *descendants(child)]
+    return found
+
+
+def counting_job(out_dir: str, steps: int) -> dict:
+    """The shape of the trainer's loop around a PreemptionHandler, with a step counter as the checkpoint."""
+    env = init_distributed()
+    out = Path(out_dir)
+    state = out / "state.json"
+    start = json.loads(state.read_text())["step"] if state.exists() else 0
+    try:
+        preemption = PreemptionHandler().install()
+        for step in range(start, steps):
+            time.sleep(0.01)
+            (out / f"rank{env.rank}-step{step}").touch()
+            if preemption.should_stop():
+                if env.rank == 0:
+                    state.write_text(json.dumps({"step": step + 1}))
+                preemption.requeue_exit()
+        preemption.uninstall()
+        return {"rank": env.rank, "started_at": start}
+    finally:
+        shutdown()
+
+
+@pytest.mark.distributed
+def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step_and_requeues(tmp_path, tests_importable):
+    executor = submitit.LocalExecutor(tmp_path / "submitit")
+    executor.update_parameters(tasks_per_node=2, gpus_per_node=0, timeout_min=10)
+    job = executor.submit(DistributedJob("test_launch_preemption:counting_job", str(tmp_path), 40))
+    wait_for(lambda: (tmp_path / "rank0-step2").exists() and (tmp_path / "rank1-step2").exists(), "two steps")
+    os.kill(task_pids(job)[1], signal.SIGUSR2)  # only rank 1 hears it
+    results = job.results()
+    stopped_after = json.loads((tmp_path / "state.json").read_text())["step"]
+    assert 2 < stopped_after < 40
+    # Both ranks were restarted by the requeue and resumed where rank 0's "checkpoint" said.
+    assert results == [{"rank": 0, "started_at": stopped_after}, {"rank": 1, "started_at": stopped_after}]
+    assert all((tmp_path / f"rank{r}-step{s}").exists() for r in (0, 1) for s in range(40))

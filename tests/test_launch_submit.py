@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import submitit
 
-from hidream_ft.config import ConfigError, load_config
+from hidream_ft.config import load_config
 from launch import submit
 from launch.jobs import distributed_env, master_port
 

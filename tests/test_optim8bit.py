@@ -18,6 +18,7 @@ from hidream_ft.parallel.optim8bit import (
 )
 
 WORKER = Path(__file__).parent / "optim8bit_worker.py"
+DIST_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -80,19 +81,21 @@ def test_state_dict_round_trip_gives_a_bit_identical_next_step(device):
         assert torch.equal(original, copied)
 
 
-def test_requantising_kernel_state_is_lossless_with_the_same_blocks():
+@pytest.mark.parametrize("device", DEVICES)
+def test_requantising_kernel_state_is_lossless_with_the_same_blocks(device):
     """After real kernel steps many blocks have a negative maximum (the signed map's end is −0.993, not −1),
     where naive requantisation shifts the scale; the reconstruction must still be exact."""
-    param = torch.nn.Parameter(torch.randn(40_000))
+    param = torch.nn.Parameter(torch.randn(160, 250, device=device))
     optimizer = ShardedAdamW8bit([param], lr=1e-2)
     g = torch.Generator().manual_seed(3)
     for scale in (1.0, 1e-3, 1e2):
-        param.grad = torch.randn(40_000, generator=g) * torch.rand(40_000, generator=g) ** 6 * scale
+        param.grad = (torch.randn(160, 250, generator=g) * torch.rand(160, 250, generator=g) ** 6 * scale).to(device)
         optimizer.step()
+    assert optimizer.is_8bit(param)
     state = optimizer.state[param]
     signed = quantization_map(True, param.device)
     values = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], signed)
-    per_block = torch.nn.functional.pad(values, (0, -values.numel() % 256)).view(-1, 256)
+    per_block = torch.nn.functional.pad(values.flatten(), (0, -values.numel() % 256)).view(-1, 256)
     assert (per_block.min(1).values.abs() > per_block.max(1).values).sum() > 10
     for name, is_signed in (("exp_avg", True), ("exp_avg_sq", False)):
         qmap = quantization_map(is_signed, param.device)
@@ -148,12 +151,13 @@ def test_stochastic_rounding_is_unbiased():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_stochastic_rounding_keeps_updates_that_bf16_rounding_loses(device):
+@pytest.mark.parametrize("shape", [(64, 128), (8192,)], ids=["8bit-state", "fp32-state"])
+def test_stochastic_rounding_keeps_updates_that_bf16_rounding_loses(device, shape):
     """A constant gradient makes every Adam update exactly lr = 1e-4, a fortieth of bf16's step below 1.0."""
     steps, lr = 100, 1e-4
     results = {}
     for rounding in (False, True):
-        param = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16, device=device))
+        param = torch.nn.Parameter(torch.ones(shape, dtype=torch.bfloat16, device=device))
         optimizer = ShardedAdamW8bit([param], lr=lr, stochastic_rounding=rounding)
         for _ in range(steps):
             param.grad = torch.ones_like(param)
@@ -194,7 +198,9 @@ def free_port() -> int:
 def launch(nproc: int, out: Path, steps: int, opts: list[str], *flags: str) -> dict:
     runner = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
     cmd = [sys.executable, *(runner if nproc > 1 else []), str(WORKER), str(out), str(steps), *flags, "--", *opts]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # In-process tests leave a one-rank group's variables behind; a one-rank worker must start its own group.
+    inherited = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES}
+    env = dict(inherited, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out, weights_only=False)

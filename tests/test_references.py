@@ -171,6 +171,8 @@ def test_caption_is_kept_and_bad_references_are_named(tokenizer, tokens, process
     with pytest.raises(ValueError, match=r"reference 1: image size 50x64 is not a positive multiple of 32"):
         build_reference_layout(tokenizer, tokens, processor, "x", 64, 64,
                                [random_reference(64, 64), random_reference(64, 50)])
+    with pytest.raises(ValueError, match="reference 0 is a single 32x32 patch"):
+        build_reference_layout(tokenizer, tokens, processor, "x", 64, 64, [random_reference(32, 32)])
     with pytest.raises(ValueError, match="11 reference images given"):
         build_reference_layout(tokenizer, tokens, processor, "x", 64, 64, [random_reference(32, 32)] * 11)
 

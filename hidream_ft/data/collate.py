@@ -3,7 +3,6 @@ off the GPU loop)."""
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +37,6 @@ class TrainBatch:
     def model_inputs(self, noisy_target: torch.Tensor) -> dict:
         """``HiDreamO1.forward`` keyword arguments but the timestep; the references follow the noisy target."""
         return generation_inputs(self.layout, noisy_target, self.conditions)
-
-
-
 
 
 class TextToImageCollator:
@@ -100,7 +96,7 @@ class TrainCollator(TextToImageCollator):
         if not all(with_references):
             plain = [s.key for s, has in zip(samples, with_references) if not has]
             raise ValueError(f"a batch mixes samples with and without references ({plain[0]} has none); "
-                             "group samples with hidream_ft.data.paired.shape_key")
+                             "the data pipeline groups samples by target and reference sizes")
         items = []
         for sample in samples:
             _, height, width = sample.pixels.shape

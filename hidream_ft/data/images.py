@@ -89,17 +89,17 @@ def _to_rgb(img: Image.Image, counts: Counter) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def render_image(source: str | bytes, bucket: Bucket, offset: float, counts: Counter, name: str) -> torch.Tensor:
-    """Decode ``source`` and fill ``bucket`` with it: EXIF orientation applied, the largest region with the
-    bucket's aspect ratio cropped (``offset`` 0.5 = centred, 0..1 along the axis with slack) and resized with
-    antialiased bicubic filtering. Returns float32 [3, H, W] in [-1, 1]."""
+def decode_rgb(source: str | bytes, counts: Counter, name: str, cover: Bucket | None = None) -> Image.Image:
+    """Decode ``source`` to an upright RGB image: EXIF orientation applied, 16-bit/CMYK/palette/alpha converted
+    (each counted). With ``cover`` = (width, height), a JPEG may be decoded at a reduced scale that still
+    covers it. Raises :class:`BadImage`."""
     try:
         with _open(source) as img:
             orientation = _orientation(img)
             width, height = img.size
-            oriented = (height, width) if orientation in _SWAPS_SIDES else (width, height)
-            scale = max(bucket[0] / oriented[0], bucket[1] / oriented[1])
-            if img.format == "JPEG":
+            if cover is not None and img.format == "JPEG":
+                oriented = (height, width) if orientation in _SWAPS_SIDES else (width, height)
+                scale = max(cover[0] / oriented[0], cover[1] / oriented[1])
                 # libjpeg can decode at 1/2, 1/4, 1/8 scale for free; never below the size the crop needs.
                 img.draft(img.mode, (math.ceil(width * scale), math.ceil(height * scale)))
             sixteen_bit = img.mode in _SIXTEEN_BIT_GRAY or any(";16" in str(tile.args) for tile in img.tile)
@@ -112,7 +112,15 @@ def render_image(source: str | bytes, bucket: Bucket, offset: float, counts: Cou
     if orientation != 1:
         record(counts, "exif_rotated")
         rgb = rgb.transpose(_TRANSPOSE[orientation])
-    if scale > 1:
+    return rgb
+
+
+def render_image(source: str | bytes, bucket: Bucket, offset: float, counts: Counter, name: str) -> torch.Tensor:
+    """Decode ``source`` and fill ``bucket`` with it: EXIF orientation applied, the largest region with the
+    bucket's aspect ratio cropped (``offset`` 0.5 = centred, 0..1 along the axis with slack) and resized with
+    antialiased bicubic filtering. Returns float32 [3, H, W] in [-1, 1]."""
+    rgb = decode_rgb(source, counts, name, cover=bucket)
+    if bucket[0] > rgb.width or bucket[1] > rgb.height:  # a reduced JPEG decode still covers the bucket
         record(counts, "too_small_upscaled")
     left, top, right, bottom = (round(edge) for edge in crop_box(rgb.width, rgb.height, bucket, offset))
     region = torch.from_numpy(np.array(rgb.crop((left, top, right, bottom)))).permute(2, 0, 1).unsqueeze(0)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import webdataset as wds
 
-from hidream_ft.config import ConfigError, DataConfig, FolderSource
+from hidream_ft.config import ConfigError, DataConfig
 from hidream_ft.data.buckets import assign_buckets, bucket_histogram, buckets_for_area
-from hidream_ft.data.folders import scan_folder
+from hidream_ft.data.folders import resolved_folder, scan_folder
 from hidream_ft.data.images import BadImage, verify_decodes
 from hidream_ft.data.shards import MANIFEST_NAME
 from hidream_ft.data.stats import record
@@ -62,7 +62,8 @@ def pack(
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
     counts: Counter = Counter()
-    items = scan_folder(FolderSource(path=str(src)), missing_caption, counts)
+    root = resolved_folder(str(src), "SRC")
+    items = scan_folder(root, 1, missing_caption, counts)
     if verify:
         verified = []
         for item in items:
@@ -99,16 +100,14 @@ def pack(
                 "__key__": item.key,
                 Path(item.path).suffix[1:].lower(): Path(item.path).read_bytes(),
                 "json": {"width": item.width, "height": item.height, "weight": item.weight,
-                         "source": os.path.relpath(item.path, src)},
+                         "source": os.path.relpath(item.path, root)},
             }
             if item.caption:
                 sample["txt"] = item.caption
             writer.write(sample)
             shard_sizes[(item.width, item.height)] += 1
 
-    sizes = Counter()
-    for item in items:
-        sizes[(item.width, item.height)] += 1
+    sizes = Counter((item.width, item.height) for item in items)
     buckets = tuple(buckets_for_area(area))
     chosen, _ = assign_buckets([w for w, _ in sizes], [h for _, h in sizes], list(buckets))
     histogram = bucket_histogram(chosen, list(sizes.values()), buckets)
@@ -123,7 +122,7 @@ def pack(
             "area": area,
             "buckets": {f"{w}x{h}": n for (w, h), n in histogram.items()},
         },
-        "skipped_or_converted": {reason: n for reason, n in sorted(counts.items())},
+        "scan_counters": dict(sorted(counts.items())),  # images left out or flagged while indexing SRC
     }
     _write_atomically(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from hidream_ft.config import ConfigError, DataConfig
 from hidream_ft.data.buckets import Stage, bucket_histogram, histogram_text, resolve_stages, stage_assignment, stage_at
 from hidream_ft.data.folders import FolderItem, fingerprint, scan_folders
+from hidream_ft.data.paired import ShapeGroups, attach_controls, group_by_shape, with_references
 from hidream_ft.data.planner import EpochPlanner, PlannedBatch
 from hidream_ft.data.samples import Sample, make_sample, rng_for
 from hidream_ft.data.shards import (
@@ -64,12 +65,13 @@ def _worker_identity() -> tuple[int, int]:
 class FolderBatches(IterableDataset):
     """This rank's micro-batches of the global folder plan; DataLoader worker w builds every W-th one."""
 
-    def __init__(self, items, stages, assignments, cfg, seed, rank, world_size, grad_accum, first_step, position,
+    def __init__(self, items, shapes: ShapeGroups, cfg, seed, rank, world_size, grad_accum, first_step, position,
                  collate):
         super().__init__()
         self.items: list[FolderItem] = items
-        self.stages: list[Stage] = stages
-        self.assignments: list[np.ndarray] = assignments
+        self.shapes = shapes  # buckets split by reference sizes, so that a micro-batch holds one shape
+        self.stages: list[Stage] = shapes.stages
+        self.assignments: list[np.ndarray] = shapes.assignments
         self.cfg: DataConfig = cfg
         self.seed, self.rank, self.world_size, self.grad_accum = seed, rank, world_size, grad_accum
         self.first_step = first_step
@@ -119,13 +121,14 @@ class FolderBatches(IterableDataset):
 
     def _sample(self, index: int, bucket, seed_parts: tuple, counts: Counter) -> Sample | None:
         item = self.items[index]
-        return make_sample(item.path, item.path, item.key, item.caption, item.weight, bucket, self.cfg,
-                           (self.seed, *seed_parts), counts)
+        sample = make_sample(item.path, item.path, item.key, item.caption, item.weight, bucket, self.cfg,
+                             (self.seed, *seed_parts), counts)
+        return with_references(sample, item.controls, bucket, self.cfg, counts)
 
     def _replacement(self, batch: PlannedBatch, position: int, stage: Stage, counts: Counter) -> Sample | None:
         assignment = self.assignments[stage.index]
         same_bucket = np.flatnonzero(assignment == batch.bucket)
-        usable = np.flatnonzero(assignment >= 0)
+        usable = self.shapes.interchangeable(stage, batch.bucket)
         rng = rng_for("replace", self.seed, batch.epoch, position)
         for attempt in range(_SAME_BUCKET_TRIES + _ANY_BUCKET_TRIES):
             pool = same_bucket if attempt < _SAME_BUCKET_TRIES else usable
@@ -177,7 +180,8 @@ class Pipeline:
         scan_counts: Counter = Counter()
         if cfg.folders:
             self.mode = "folder"
-            self.items = scan_folders(cfg.folders, cfg.missing_caption, scan_counts)
+            self.items = attach_controls(scan_folders(cfg.folders, cfg.missing_caption, scan_counts), cfg.folders,
+                                         cfg.missing_control, scan_counts)
             self.fingerprint = fingerprint(self.items)
             widths = [item.width for item in self.items]
             heights = [item.height for item in self.items]
@@ -274,8 +278,9 @@ class Pipeline:
         if self.mode == "folder":
             position = self._folder_position(start_step)
             self._state = {**self._initial_state(position["next_step"]), **position}
-            return FolderBatches(self.items, self.stages, self._assignments, self.cfg, self.seed, self.rank,
-                                 self.world_size, grad_accum, start_step, position, self.collate)
+            shapes = group_by_shape(self.stages, self._assignments, self.items)
+            return FolderBatches(self.items, shapes, self.cfg, self.seed, self.rank, self.world_size, grad_accum,
+                                 start_step, position, self.collate)
         cursors, generation = self._stream_cursors(start_step, grad_accum)
         self._state = {**self._initial_state(start_step), "generation": generation, "grad_accum": grad_accum,
                        "streams": [dict(cursor) for cursor in cursors]}

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hidream_ft.data.samples import rng_for
+
 
 @dataclass(frozen=True)
 class PlannedBatch:
@@ -26,6 +28,8 @@ class PlannedBatch:
 
 
 class EpochPlanner:
+    """Deterministic micro-batches of one finite dataset; ``position()`` restores it via the constructor."""
+
     def __init__(self, repeats: np.ndarray, seed: int, epoch: int = 0, cursor: int = 0, pending: list[int] = ()):
         self._entries = np.repeat(np.arange(len(repeats)), repeats)
         self._seed = seed
@@ -38,7 +42,8 @@ class EpochPlanner:
         self._batch_size = 0
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self._seed, epoch])))
+        entropy = rng_for("epoch", self._seed, epoch).getrandbits(128)
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
         return self._entries[rng.permutation(len(self._entries))]
 
     def set_stage(self, assignment: np.ndarray, batch_size: int) -> None:

@@ -29,6 +29,7 @@ from hidream_ft.config import DataConfig
 from hidream_ft.data.buckets import Stage, assign_buckets, stage_at
 from hidream_ft.data.captions import decode_caption
 from hidream_ft.data.images import IMAGE_EXTENSIONS, BadImage, probe_size
+from hidream_ft.data.paired import BadControls, Controls, reference_sizes, shard_controls, with_references
 from hidream_ft.data.samples import Sample, make_sample, rng_for
 from hidream_ft.data.stats import record
 
@@ -74,12 +75,16 @@ def _sample_metadata(data: bytes | None, counts: Counter, name: str) -> dict:
 class _Queued:
     round: int
     offset: int
-    raw: dict
+    key: str
+    name: str  # for messages: shard URL and key
+    image: bytes  # encoded; decoded when its micro-batch leaves
     caption: str
     weight: float
     width: int
     height: int
+    controls: Controls | None = None  # edit / IP: the ref0, ref1, … members
     bucket: int = -1
+    group: tuple = ()  # (bucket, reference sizes): the samples of one micro-batch share it
 
 
 @dataclass
@@ -174,7 +179,13 @@ class StreamReader:
             record(counts, "caption_missing_empty", f"{name}: no caption, training it with the empty prompt")
         weight = meta.get("weight", 1.0)
         weight = float(weight) if isinstance(weight, (int, float)) and weight >= 0 else 1.0
-        entry = _Queued(round_index, offset, raw, caption, weight, width, height)
+        try:
+            controls = shard_controls(raw, meta, name)
+        except BadControls as e:
+            record(counts, e.reason, str(e))
+            return
+        entry = _Queued(round_index, offset, raw["__key__"], name, raw[image_ext], caption, weight, width, height,
+                        controls)
         if self._assign(entry, counts):
             self.queued.append(entry)
 
@@ -185,15 +196,17 @@ class StreamReader:
             record(counts, "too_small_skipped")
             return False
         entry.bucket = int(index[0])
+        bucket = self.stage.buckets[entry.bucket]
+        entry.group = (entry.bucket, () if entry.controls is None else reference_sizes(entry.controls.sizes, bucket))
         return True
 
     def _leave_full(self):
         while True:
-            sizes = Counter(entry.bucket for entry in self.queued)
-            full = next((e.bucket for e in self.queued if sizes[e.bucket] >= self.stage.batch_size), None)
+            sizes = Counter(entry.group for entry in self.queued)
+            full = next((e.group for e in self.queued if sizes[e.group] >= self.stage.batch_size), None)
             if full is None:
                 return
-            members = [e for e in self.queued if e.bucket == full][: self.stage.batch_size]
+            members = [e for e in self.queued if e.group == full][: self.stage.batch_size]
             samples = self._decode(members)
             if None not in samples:
                 self._remove(members)
@@ -206,7 +219,7 @@ class StreamReader:
             oldest = next((e for e in self.queued if e.round < round_index), None)
             if oldest is None:
                 return
-            members = [e for e in self.queued if e.bucket == oldest.bucket][: self.stage.batch_size]
+            members = [e for e in self.queued if e.group == oldest.group][: self.stage.batch_size]
             self._remove(members)
             samples = [s for s in self._decode(members) if s is not None]
             if len(samples) < len(members):
@@ -216,16 +229,12 @@ class StreamReader:
 
     def _decode(self, members: list[_Queued]) -> list[Sample | None]:
         bucket = self.stage.buckets[members[0].bucket]
-        samples = []
-        for e in members:
-            ext = next(ext for ext in IMAGE_EXTENSIONS if ext in e.raw)
-            name = f"{e.raw.get('__url__')}:{e.raw['__key__']}"
-            seed_parts = self._seed_parts(e.round, e.offset)
-            samples.append(
-                make_sample(e.raw[ext], name, e.raw["__key__"], e.caption, e.weight, bucket, self.cfg, seed_parts,
-                            self.counts)
-            )
-        return samples
+        return [
+            with_references(make_sample(e.image, e.name, e.key, e.caption, e.weight, bucket, self.cfg,
+                                        self._seed_parts(e.round, e.offset), self.counts),
+                            e.controls, bucket, self.cfg, self.counts)
+            for e in members
+        ]
 
     def _remove(self, members: list[_Queued]) -> None:
         gone = {id(e) for e in members}

@@ -32,6 +32,8 @@ REASONS = (
     "shard_read_error",
     "replacement_used",
     "batch_short",
+    "control_missing_skipped",
+    "too_many_references",
 )
 
 # The first few events of each reason are logged with file names; the rest only count.

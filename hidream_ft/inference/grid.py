@@ -1,4 +1,5 @@
-"""Comparison grids: rows = prompts, columns = model configurations (base, LoRA A, LoRA A+B, …).
+"""Comparison grids: rows = prompts (or reference × prompt for edit / IP), columns = model configurations
+(base, LoRA A, LoRA A+B, …).
 
 Every cell uses the same sampling settings and seed, so the columns differ only by their adapters. The grid
 is a PNG with the column labels in a header band and the prompts in a left band (PIL's default font).
@@ -19,6 +20,7 @@ from hidream_ft.inference.loras import lora_applied
 from hidream_ft.inference.pipeline import generate
 from hidream_ft.inference.settings import SamplingSettings
 from hidream_ft.model.layout import SpecialTokens
+from hidream_ft.model.references import ReferenceImages
 
 BACKGROUND, INK = (255, 255, 255), (0, 0, 0)
 
@@ -132,13 +134,17 @@ def render_grid(
     settings: SamplingSettings,
     device: torch.device | str | None = None,
     progress: bool = False,
+    references: Sequence[tuple[str, ReferenceImages]] = (),
 ) -> Image.Image:
-    """Sample every (prompt, column) cell and compose the labelled grid."""
-    cells: list[list[torch.Tensor]] = [[] for _ in prompts]
-    with tqdm(total=len(prompts) * len(columns), disable=not progress, desc="grid") as bar:
+    """Sample every (row, column) cell and compose the labelled grid. Rows are the prompts or, with
+    ``references`` ((label, images) pairs), every (reference, prompt) pair, reference-major."""
+    rows = ([(prompt, prompt, None) for prompt in prompts] if not references else
+            [(f"{label}: {prompt}", prompt, images) for label, images in references for prompt in prompts])
+    cells: list[list[torch.Tensor]] = [[] for _ in rows]
+    with tqdm(total=len(rows) * len(columns), disable=not progress, desc="grid") as bar:
         for column in columns:  # column-major: each column's adapters are attached once
             with lora_applied(model, column.loras):
-                for row, prompt in enumerate(prompts):
-                    cells[row].append(generate(model, tokenizer, tokens, prompt, settings, device))
+                for row, (_, prompt, images) in enumerate(rows):
+                    cells[row].append(generate(model, tokenizer, tokens, prompt, settings, device, references=images))
                     bar.update()
-    return compose_grid(cells, list(prompts), [column.label for column in columns])
+    return compose_grid(cells, [label for label, _, _ in rows], [column.label for column in columns])

@@ -1,4 +1,5 @@
-"""Text-to-image sampling with the official inference math (spec §5; docs/sampling.md).
+"""Text-to-image, edit and IP sampling with the official inference math (spec §5; docs/sampling.md,
+docs/edit_ip.md).
 
     z ← noise_scale · randn(1, 3, H, W)  (CPU generator seeded seed + 1), patchified
     for each step:  x̂0 = model(z, t = 1 - timestep/1000)
@@ -23,6 +24,7 @@ from hidream_ft.diffusion import patchify, unpatchify
 from hidream_ft.inference.settings import SamplingSettings
 from hidream_ft.inference.solvers import make_solver
 from hidream_ft.model.layout import EMPTY_PROMPT, LayoutBatch, SpecialTokens, build_t2i_layout, collate_layouts
+from hidream_ft.model.references import ImageConditions, ReferenceImages, generation_inputs
 
 SIGMA_FLOOR = 1e-3  # the official T_EPS: the velocity's σ is never below this
 
@@ -50,11 +52,14 @@ def prompt_inputs(tokenizer, tokens: SpecialTokens, prompts: list[str], height: 
     return collate_layouts([build_t2i_layout(tokenizer, tokens, p, height, width) for p in prompts], tokens.pad)
 
 
-def predict_x0(model: nn.Module, inputs: LayoutBatch, z: torch.Tensor, timestep: float) -> torch.Tensor:
-    """One forward for every row of ``inputs``, all on the same state ``z`` [1, N, 3072]: x̂0 [B, N, 3072]."""
+def predict_x0(model: nn.Module, inputs: LayoutBatch, z: torch.Tensor, timestep: float,
+               conditions: ImageConditions | None = None) -> torch.Tensor:
+    """One forward for every row of ``inputs``, all on the same state ``z`` [1, N, 3072]: x̂0 [B, N, 3072].
+    ``conditions``: the clean reference patches (appended after z) and ViT inputs of edit / IP rows."""
     rows = inputs.input_ids.shape[0]
     t = torch.full((rows,), 1.0 - timestep / 1000.0, dtype=torch.float32, device=z.device)
-    return model(**inputs.model_inputs(), vinputs=z.expand(rows, -1, -1), timestep=t)
+    return model(**generation_inputs(inputs, z.expand(rows, -1, -1), conditions), timestep=t,
+                 output_tokens=inputs.num_target_tokens)
 
 
 def to_uint8(z: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -77,8 +82,12 @@ def generate(
     device: torch.device | str | None = None,
     autocast: bool | None = None,
     progress: bool = False,
+    references: ReferenceImages | None = None,
 ) -> torch.Tensor:
     """Sample one image for ``prompt``; returns uint8 [3, height, width] on the CPU.
+
+    With ``references`` it is an edit (one image) or IP (several) generation: the unconditional row keeps the
+    images and uses the caption " ", as the official pipeline does.
 
     The conditional and unconditional (prompt " ") rows share one batched forward. ``autocast`` (default: on
     for CUDA) runs the forwards under bf16 autocast as the official pipeline does, and then keeps z in bf16
@@ -88,8 +97,14 @@ def generate(
     autocast = device.type == "cuda" if autocast is None else autocast
     latent_dtype = torch.bfloat16 if autocast else torch.float32
     schedule = settings.schedule()
-    prompts = [prompt, EMPTY_PROMPT] if settings.guided else [prompt]
-    inputs = prompt_inputs(tokenizer, tokens, prompts, settings.height, settings.width).to(device)
+    if references is None:
+        prompts = [prompt, EMPTY_PROMPT] if settings.guided else [prompt]
+        inputs, conditions = prompt_inputs(tokenizer, tokens, prompts, settings.height, settings.width), None
+    else:
+        inputs, conditions = references.model_inputs(tokenizer, tokens, prompt, settings.height, settings.width,
+                                                     settings.guided)
+        conditions = conditions.to(device)
+    inputs = inputs.to(device)
     z, generator = initial_noise(settings.seed, settings.height, settings.width, settings.noise_scale)
     z = z.to(device, latent_dtype)
     solver = make_solver(settings.scheduler, schedule, generator, settings.noise_scale, settings.noise_scale_end,
@@ -98,7 +113,7 @@ def generate(
                  else contextlib.nullcontext())
     for index, timestep in enumerate(tqdm(schedule.timesteps, disable=not progress, desc="sampling")):
         with precision:
-            x_pred = predict_x0(model, inputs, z, timestep)
+            x_pred = predict_x0(model, inputs, z, timestep, conditions)
         v = guided_velocity(x_pred, z, timestep / 1000.0, settings.cfg)
         z = solver.step(index, z, -v)
     return to_uint8(z, settings.height, settings.width)

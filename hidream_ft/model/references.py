@@ -235,9 +235,13 @@ def build_reference_layout(
         if pixels.dim() != 3 or pixels.shape[0] != 3:
             raise ValueError(f"reference {index}: expected a [3, H, W] tensor, got shape {list(pixels.shape)}")
         try:
-            grids.append(image_grid(pixels.shape[1], pixels.shape[2]))
+            grid = image_grid(pixels.shape[1], pixels.shape[2])
         except ValueError as e:
             raise ValueError(f"reference {index}: {e} (size references with prepare_references)") from None
+        if grid == (1, 1):  # its placeholder run would be a lone vision-start, which the rope index cannot find
+            raise ValueError(f"reference {index} is a single 32x32 patch; use a larger target so that every "
+                             "reference gets at least 2 patches")
+        grids.append(grid)
     vision = processor(references)
     ids = reference_prompt_ids(tokenizer, tokens, caption, vision.token_counts)
     layout = layout_from_ids(ids, tokens, target=image_grid(height, width), references=grids,
@@ -264,7 +268,7 @@ def collate_reference_layouts(items: list[ReferenceLayout], pad_id: int) -> tupl
     shapes = {(item.layout.num_target_tokens, tuple(item.reference_grids)) for item in items}
     if len(shapes) != 1:
         raise ValueError(f"a batch must share target and reference sizes; got {sorted(shapes)} "
-                         "(group samples with hidream_ft.data.paired.shape_key)")
+                         "(the data pipeline groups samples by target and reference sizes)")
     layout = collate_layouts([item.layout for item in items], pad_id)
     conditions = ImageConditions(
         references=torch.stack([item.reference_patches for item in items]),
@@ -299,3 +303,31 @@ def build_reference_inputs(
     captions = [prompt, EMPTY_PROMPT] if guided else [prompt]
     items = [build_reference_layout(tokenizer, tokens, processor, c, height, width, references) for c in captions]
     return collate_reference_layouts(items, tokens.pad)
+
+
+@dataclass
+class ReferenceImages:
+    """The reference images of one edit / IP generation, with the checkpoint's ViT image processor."""
+
+    images: list[Image.Image]
+    processor: ConditionProcessor
+
+    def __post_init__(self) -> None:
+        check_reference_count(len(self.images))
+
+    @classmethod
+    def open(cls, paths: list[str], model_path: str | Path) -> "ReferenceImages":
+        """Read image files (OSError naming a missing or undecodable one) with ``model_path``'s processor."""
+        check_reference_count(len(paths))
+        images = []
+        for path in paths:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        return cls(images, ConditionProcessor.from_pretrained(model_path))
+
+    def model_inputs(self, tokenizer, tokens: SpecialTokens, prompt: str, height: int, width: int,
+                     guided: bool) -> tuple[LayoutBatch, ImageConditions]:
+        """Conditional [and unconditional] rows for a ``width`` × ``height`` target, references sized by K."""
+        references = prepare_references(self.images, height, width)
+        return build_reference_inputs(tokenizer, tokens, self.processor, prompt, references, height, width, guided)
+

@@ -3,8 +3,8 @@
 The update is bitsandbytes' fused blockwise 8-bit AdamW kernel (the one inside ``bnb.optim.AdamW8bit``), run
 on each rank's local shard: bitsandbytes' own optimizer classes reject DTensor parameters. Each moment is
 stored as uint8 codes into bitsandbytes' dynamic quantisation map plus one fp32 scale (``absmax``) per block
-of 256 consecutive elements of the flattened local shard. Parameters with fewer than ``min_8bit_size``
-elements (norms, biases, small LoRA factors) keep fp32 moments, as in bitsandbytes.
+of 256 consecutive elements of the flattened local shard. Vectors (norms, biases) and matrices with fewer
+than ``min_8bit_size`` elements keep fp32 moments, updated by bitsandbytes' fused fp32-state kernel.
 
 Checkpoints: :meth:`ShardedAdamW8bit.state_dict` presents each moment dequantised to fp32, shaped and placed
 like its parameter (a DTensor with the parameter's mesh and placements), in host memory, under torch AdamW's
@@ -33,7 +33,8 @@ except ImportError as e:  # the GPU image does not ship it
 
 BLOCK_SIZE = 256  # bitsandbytes' blockwise optimizer kernels quantise in blocks of 256 (CPU and CUDA)
 # Where the true block scale can sit, in ulps, relative to the reconstructed one; tried in this order.
-CANDIDATE_ULPS = (0,)
+CANDIDATE_ULPS = (0, -1, 1, -2, 2)
+MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, quantised with the signed map)
 
 
 def quantization_map(signed: bool, device: torch.device) -> torch.Tensor:
@@ -174,19 +175,20 @@ class ShardedAdamW8bit(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def is_8bit(self, param: torch.Tensor) -> bool:
-        """Decided on the global size, so every rank and every world size agree."""
-        return param.numel() >= self.min_8bit_size
+        """Matrices of at least ``min_8bit_size`` elements, judged on the global shape so all ranks and world
+        sizes agree. Vectors (norms, biases) stay fp32: they cost nothing, and FSDP cuts them into pieces that
+        are not whole 256-element blocks, which would make their requantisation after resharding inexact."""
+        return param.dim() >= 2 and param.numel() >= self.min_8bit_size
 
     def _fresh_state(self, param: torch.Tensor) -> dict:
         local = _local(param)
-        if not self.is_8bit(param):
-            zeros = lambda: torch.zeros(local.shape, dtype=torch.float32, device=local.device)  # noqa: E731
-            return {"step": 0, "exp_avg": zeros(), "exp_avg_sq": zeros()}
-        blocks = -(-local.numel() // BLOCK_SIZE)
         state = {"step": 0}
-        for name in ("exp_avg", "exp_avg_sq"):
-            state[f"{name}_codes"] = torch.zeros(local.shape, dtype=torch.uint8, device=local.device)
-            state[f"{name}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=local.device)
+        for name, _ in MOMENTS:
+            if self.is_8bit(param):
+                state[f"{name}_codes"] = torch.zeros(local.shape, dtype=torch.uint8, device=local.device)
+                state[f"{name}_absmax"] = torch.zeros(-(-local.numel() // BLOCK_SIZE), device=local.device)
+            else:
+                state[name] = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
         return state
 
     def _rounding_generator(self, index: int, step: int, param: torch.Tensor, device: torch.device):
@@ -249,7 +251,7 @@ class ShardedAdamW8bit(torch.optim.Optimizer):
         return tuple(
             dequantize_blockwise(state[f"{name}_codes"], state[f"{name}_absmax"],
                                  self._map(signed, state[f"{name}_codes"].device))
-            for name, signed in (("exp_avg", True), ("exp_avg_sq", False))
+            for name, signed in MOMENTS
         )
 
     def state_dict(self) -> dict:
@@ -293,7 +295,7 @@ class ShardedAdamW8bit(torch.optim.Optimizer):
     def _import_state(self, param: torch.Tensor, saved: dict, name) -> dict:
         local = _local(param)
         state = {"step": int(saved["step"])}
-        for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        for key, signed in MOMENTS:
             values = _local(saved[key])
             if tuple(values.shape) != tuple(local.shape):
                 raise ValueError(f"optimizer state {name}.{key}: shape {list(values.shape)} does not match the "
