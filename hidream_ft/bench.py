@@ -27,7 +27,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -131,10 +130,8 @@ def random_weights_loader(seed: int):
 
 
 def build_trainer(cfg, env) -> train.Trainer:
-    # Trainer loads weights through hidream_ft.train.load_model; substituting random weights there keeps every
-    # other part of the trainer (LoRA, trainable selection, FSDP, optimizer, step) the production code.
-    with mock.patch.object(train, "load_model", random_weights_loader(cfg.train.seed)):
-        return train.Trainer(cfg, env)
+    # Only the weight source differs: LoRA, trainable selection, FSDP, optimizer and step are the production code.
+    return train.Trainer(cfg, env, load=random_weights_loader(cfg.train.seed))
 
 
 def synthetic_batch(trainer: train.Trainer, size: int, batch: int, text_tokens: int):

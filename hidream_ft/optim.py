@@ -29,7 +29,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch
         return torch.optim.AdamW(params, fused=fused, foreach=not fused, **kwargs)
     from hidream_ft.parallel.optim8bit import ShardedAdamW8bit
 
-    return ShardedAdamW8bit(params, **kwargs)
+    return ShardedAdamW8bit(params, **kwargs, stochastic_rounding=cfg.stochastic_rounding)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:

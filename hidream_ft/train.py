@@ -32,6 +32,7 @@ from hidream_ft.optim import build_optimizer, build_scheduler
 from hidream_ft.parallel.checkpoint import Checkpointer, resolve_resume
 from hidream_ft.parallel.distributed import DistEnv, build_mesh, init_distributed, shutdown
 from hidream_ft.parallel.fsdp import DTYPES, parallelize
+from hidream_ft.parallel.preemption import PreemptionHandler
 
 
 # The prediction is only read by the loss, never modified in place, so FSDP's view warning does not apply.
@@ -49,9 +50,10 @@ def master_dtype(cfg: Config) -> torch.dtype:
     return DTYPES[cfg.model.dtype]
 
 
-def build_model(cfg: Config, env: DistEnv, tokenizer):
+def build_model(cfg: Config, env: DistEnv, tokenizer, load=load_model):
     """Meta model → LoRA injection or trainable selection → FSDP → materialise → load weights shard-wise.
 
+    ``load`` has :func:`hidream_ft.model.load_model`'s signature (the benchmark passes a random-weight one).
     Returns (the module to call — the PEFT wrapper in LoRA mode —, the FSDP-sharded HiDreamO1 inside it).
     """
     mesh = build_mesh(env, cfg.parallel.hsdp)
@@ -65,8 +67,8 @@ def build_model(cfg: Config, env: DistEnv, tokenizer):
         parallelize(base, cfg.parallel, mesh)
         return model
 
-    model = load_model(cfg.model.path, dtype=master_dtype(cfg), device=env.device, attention=cfg.model.attention,
-                       tokenizer=tokenizer, prepare=prepare)
+    model = load(cfg.model.path, dtype=master_dtype(cfg), device=env.device, attention=cfg.model.attention,
+                 tokenizer=tokenizer, prepare=prepare)
     if cfg.train.mode == "lora":
         init_lora_weights(model, cfg.train.seed)
         return model, model.base_model.model
@@ -90,12 +92,12 @@ def compute_loss(model, batch: TrainBatch, cfg: Config) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv):
+    def __init__(self, cfg: Config, env: DistEnv, load=load_model):
         self.cfg, self.env = cfg, env
         self.output_dir = Path(cfg.logging.output_dir)
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.tokens = SpecialTokens.from_tokenizer(self.tokenizer, load_hf_config(cfg.model.path))
-        self.model, self.base = build_model(cfg, env, self.tokenizer)
+        self.model, self.base = build_model(cfg, env, self.tokenizer, load)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
@@ -186,6 +188,8 @@ class Trainer:
 
 def run(cfg: Config) -> dict:
     env = init_distributed()
+    # Installed before the model so a signal during loading is honoured at the first step boundary.
+    preemption = PreemptionHandler(env.device).install()
     torch.manual_seed(cfg.train.seed)
     trainer = Trainer(cfg, env)
     output_dir = trainer.output_dir
@@ -233,6 +237,13 @@ def run(cfg: Config) -> dict:
             trainer.save_checkpoint(done, pipeline.state_dict())
             last_saved = done
         step = done
+        if preemption.should_stop():  # a collective: every rank asks every step and all stop together
+            if last_saved != done:
+                trainer.save_checkpoint(done, pipeline.state_dict())
+            log.info(f"stopped at step {done} by a preemption signal; checkpoint saved")
+            log.close()
+            preemption.requeue_exit()
+    preemption.uninstall()
     if step > last_saved:
         trainer.save_checkpoint(step, pipeline.state_dict())
     trainer.save_adapter()

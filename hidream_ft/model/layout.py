@@ -140,6 +140,9 @@ def layout_from_ids(
         raise ValueError(f"the text part is {len(ids)} tokens; it must stay below the {FIX_POINT} image anchor")
     num_text = len(ids)
     image_grids = [target, *references]
+    if target[0] * target[1] < 2:
+        # the position scan needs an <|image_pad|> after the placeholder vision-start of every image
+        raise ValueError(f"target image of {target[1] * 32}x{target[0] * 32} is a single patch; use at least 2 patches")
     padded = list(ids)
     for h, w in image_grids:
         padded += [tokens.vision_start] + [tokens.image_pad] * (h * w - 1)

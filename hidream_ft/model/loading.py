@@ -38,10 +38,15 @@ def _listing(keys, limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_hf_config(path: str | Path) -> Qwen3VLConfig:
+def _model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory not found: {path} (set model.path to the HiDream-O1-Image folder)")
+    return path
+
+
+def load_hf_config(path: str | Path) -> Qwen3VLConfig:
+    path = _model_dir(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing; expected the official HiDream-O1-Image layout")
@@ -81,7 +86,7 @@ def _validate_config(config: Qwen3VLConfig, where: Path) -> None:
 
 
 def load_tokenizer(path: str | Path):
-    path = Path(path)
+    path = _model_dir(path)
     if not (path / "tokenizer_config.json").is_file():
         raise CheckpointError(f"{path}: tokenizer files are missing (tokenizer_config.json, tokenizer.json)")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
