@@ -136,7 +136,7 @@ def build_trainer(cfg, env) -> train.Trainer:
 
 def synthetic_batch(trainer: train.Trainer, size: int, batch: int, text_tokens: int):
     """``batch`` random size×size images whose captions fill the text budget exactly as a long caption would."""
-    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, text_tokens, seed=0)
+    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, text_tokens)
     caption = " ".join(itertools.islice(itertools.cycle(CAPTION_WORDS), text_tokens))
     g = torch.Generator().manual_seed(0)
     samples = [Sample(torch.rand(3, size, size, generator=g) * 2 - 1, caption, f"bench-{i}", noise_seed=i)

@@ -197,7 +197,7 @@ def run(cfg: Config) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.toml").write_text(to_toml(cfg))
     start_step, data_state = trainer.resume()
-    collate = TrainCollator(trainer.tokenizer, trainer.tokens, cfg.data.max_text_tokens, cfg.train.seed,
+    collate = TrainCollator(trainer.tokenizer, trainer.tokens, cfg.data.max_text_tokens,
                             ConditionProcessor.from_pretrained(cfg.model.path))
     pipeline = build_pipeline(cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
                               default_batch_size=cfg.train.batch_size, collate=collate)

@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     env = init_distributed()
     trainer = Trainer(load_config(None, args.overrides), env)
-    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, 128, seed=0)
+    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, 128)
     g = torch.Generator().manual_seed(0)
     # Fixed noise seeds: every step sees the same noise, so the loss is one objective that must go down.
     samples = [Sample(torch.rand(3, 64, 64, generator=g) * 2 - 1, c, f"s{i}", noise_seed=i)

@@ -39,7 +39,7 @@ def run_worker(out: Path, checkpoint: Path, run_dir: Path) -> None:
             *vit_options,
         ])
         trainer = Trainer(cfg, env)
-        collate = TrainCollator(trainer.tokenizer, trainer.tokens, 128, 0, ConditionProcessor.from_pretrained(checkpoint))
+        collate = TrainCollator(trainer.tokenizer, trainer.tokens, 128, ConditionProcessor.from_pretrained(checkpoint))
         # Tasks alternate between the ranks: step 0 rank 0 edits, step 1 rank 1 edits, …
         batches = [collate(edit_samples()[:1]), collate(t2i_samples()[:1])]
         visual = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad and ".visual." in n}

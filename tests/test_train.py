@@ -32,7 +32,7 @@ def make_trainer(tiny_checkpoint, tmp_path, *overrides):
 
 
 def fixed_batch(trainer, captions=("a red circle", "a green square on a blue background")):
-    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, 128, seed=0)
+    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, 128)
     g = torch.Generator().manual_seed(0)
     samples = [FakeSample(torch.rand(3, 64, 64, generator=g) * 2 - 1, c, f"s{i}", noise_seed=i)
                for i, c in enumerate(captions)]

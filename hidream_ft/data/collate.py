@@ -42,8 +42,7 @@ class TrainBatch:
 class TextToImageCollator:
     """Picklable: holds the tokenizer and special-token ids; builds the T2I layout for every sample."""
 
-    def __init__(self, tokenizer, tokens: SpecialTokens, max_text_tokens: int, seed: int):
-        self.seed = seed
+    def __init__(self, tokenizer, tokens: SpecialTokens, max_text_tokens: int):
         self.tokenizer = tokenizer
         self.tokens = tokens
         self.max_text_tokens = max_text_tokens
@@ -84,9 +83,9 @@ class TrainCollator(TextToImageCollator):
     reference count bounds them (at most 10 images of 64-144 tokens).
     """
 
-    def __init__(self, tokenizer, tokens: SpecialTokens, max_text_tokens: int, seed: int,
+    def __init__(self, tokenizer, tokens: SpecialTokens, max_text_tokens: int,
                  processor: ConditionProcessor):
-        super().__init__(tokenizer, tokens, max_text_tokens, seed)
+        super().__init__(tokenizer, tokens, max_text_tokens)
         self.processor = processor
 
     def __call__(self, samples) -> TrainBatch:

@@ -51,7 +51,7 @@ def main() -> None:
     env = init_distributed()
     cfg = load_config(None, args.set)
     trainer = Trainer(cfg, env)
-    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, 128, seed=cfg.train.seed)
+    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, 128)
     start = trainer.resume()[0] if args.resume else 0
     losses = {}
     for step in range(start, args.steps):
