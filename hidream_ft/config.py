@@ -443,19 +443,26 @@ def _merge(table: dict, path: list[str], value: Any) -> None:
     table[path[-1]] = value
 
 
+def read_toml(path: str | Path, what: str) -> dict:
+    """A TOML file as a table; a missing file or a syntax error is a :class:`ConfigError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+def build_table(cls: type, table: dict, where: str = "") -> Any:
+    """Validate a table into the dataclass ``cls`` with the same rules and errors as the training config."""
+    return _build(cls, table, where)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a TOML file (or start from defaults), apply ``key=value`` overrides, validate."""
-    table: dict = {}
-    where = "config"
-    if path is not None:
-        path = Path(path)
-        where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            table = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    table = read_toml(path, "config file") if path is not None else {}
+    where = str(path) if path is not None else "config"
     for item in overrides:
         _merge(table, *_parse_override(item))
     return _build_root(table, where)

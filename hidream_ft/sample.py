@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,7 +23,7 @@ from typing import Literal
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from hidream_ft.config import ConfigError, _build
+from hidream_ft.config import ConfigError, build_table, read_toml
 from hidream_ft.inference.grid import GridColumn, render_grid, to_pil
 from hidream_ft.convert import load_adapter
 from hidream_ft.inference.loras import lora_applied, lora_label, parse_lora_spec
@@ -184,12 +183,7 @@ def parse_column(text: str) -> GridColumnSpec:
 
 def read_grid_file(path: str | Path) -> GridFile:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file not found: {path}")
-    try:
-        table = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    table = read_toml(path, "grid file")
     preset = table.get("preset", "full")
     if preset not in RECIPES:
         raise ConfigError(f"{path}: preset: {preset!r} is not one of {', '.join(map(repr, RECIPES))}")
@@ -198,7 +192,7 @@ def read_grid_file(path: str | Path) -> GridFile:
         raise ConfigError(f"{path}: sampling: expected a table, got {sampling!r}")
     table = {**table, "sampling": {**RECIPES[preset], **sampling}}
     try:
-        return _build(GridFile, table, "")
+        return build_table(GridFile, table)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -163,8 +165,6 @@ class Trainer:
         """The final LoRA as a PEFT directory (keys in the official HF layout), written atomically."""
         if self.cfg.train.mode != "lora":
             return None
-        from peft import get_peft_model_state_dict
-
         full = get_model_state_dict(self.model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
         out = self.output_dir / "adapter"
@@ -178,8 +178,6 @@ class Trainer:
             save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter_model.safetensors"),
                       metadata={"format": "pt"})
             if out.exists():
-                import shutil
-
                 shutil.rmtree(out)
             tmp.rename(out)
         dist.barrier()

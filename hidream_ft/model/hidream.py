@@ -76,8 +76,8 @@ class HiDreamO1(nn.Module):
         theta, self.mrope_section = rope_parameters(text)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         # A plain attribute, not a buffer: it must stay fp32 whatever dtype the module is cast to (spec §8.7).
-        self.inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
-        self.inv_freq = self.inv_freq.float()
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim
+        self.inv_freq = (1.0 / theta**exponents).float()
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
