@@ -38,12 +38,12 @@ from hidream_ft.data.samples import Sample
 from hidream_ft.metrics import peak_memory_gib
 from hidream_ft.model.layout import SpecialTokens
 from hidream_ft.model.loading import build_meta_model, load_hf_config, restore_rotary_buffers
-from hidream_ft.model.tiny import preprocessor_config, tiny_config_dict, tiny_tokenizer
+from hidream_ft.testing.tiny import preprocessor_config, tiny_config_dict, tiny_tokenizer
 from hidream_ft.parallel.distributed import init_distributed, shutdown
 
 H100_BF16_PEAK_TFLOPS = 989.0
 
-# Qwen3-VL-8B (spec §2); the tiny shape is hidream_ft.model.tiny's.
+# Qwen3-VL-8B (spec §2); the tiny shape is hidream_ft.testing.tiny's.
 SHAPES = {
     "8b": {
         "text_config": {

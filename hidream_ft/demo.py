@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hidream_ft.config import load_config, to_toml
 from hidream_ft.data.demo import write_demo_dataset
-from hidream_ft.model.tiny import write_tiny_checkpoint
+from hidream_ft.testing.tiny import write_tiny_checkpoint
 
 
 def write_demo(out_dir: str | Path, steps: int = 20) -> Path:

@@ -26,10 +26,10 @@ from PIL.PngImagePlugin import PngInfo
 from hidream_ft.config import ConfigError, build_table, read_toml
 from hidream_ft.inference.grid import GridColumn, render_grid, to_pil
 from hidream_ft.convert import load_adapter
-from hidream_ft.inference.loras import lora_applied, lora_label, parse_lora_spec
+from hidream_ft.lora.hooks import lora_applied, lora_label, parse_lora_spec
 from hidream_ft.inference.pipeline import generate
-from hidream_ft.inference.schedules import DEFAULT_TIMESTEPS, SCHEDULERS
-from hidream_ft.inference.settings import RECIPES, SamplingSettings
+from hidream_ft.flow.schedules import DEFAULT_TIMESTEPS, SCHEDULERS
+from hidream_ft.config.sampling import RECIPES, SamplingSettings
 from hidream_ft.model import SpecialTokens, load_hf_config, load_model, load_tokenizer
 from hidream_ft.model.references import ReferenceImages
 

@@ -23,18 +23,18 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from hidream_ft.config import Config, ConfigError, load_config, to_toml
 from hidream_ft.data import build_pipeline
 from hidream_ft.data.collate import TrainBatch, TrainCollator
-from hidream_ft.diffusion import add_noise, diffusion_loss, draw_sigmas_and_noise, model_timestep
+from hidream_ft.flow.objective import add_noise, diffusion_loss, draw_sigmas_and_noise, model_timestep
 from hidream_ft.inference.validation import log_validation, render_validation
 from hidream_ft.metrics import MetricsLogger, peak_memory_gib
 from hidream_ft.model.layout import SpecialTokens
 from hidream_ft.model.loading import CheckpointError, load_hf_config, load_model, load_tokenizer
-from hidream_ft.model.lora import apply_lora, init_lora_weights, set_full_trainable
+from hidream_ft.lora.targets import apply_lora, init_lora_weights, set_full_trainable
 from hidream_ft.model.references import ConditionProcessor
 from hidream_ft.optim import build_optimizer, build_scheduler
-from hidream_ft.parallel.checkpoint import Checkpointer, resolve_resume
+from hidream_ft.runtime.checkpoint import Checkpointer, resolve_resume
 from hidream_ft.parallel.distributed import DistEnv, build_mesh, init_distributed, shutdown
 from hidream_ft.parallel.fsdp import DTYPES, parallelize
-from hidream_ft.parallel.preemption import PreemptionHandler
+from hidream_ft.runtime.preemption import PreemptionHandler
 
 
 # The prediction is only read by the loss, never modified in place, so FSDP's view warning does not apply.

@@ -141,7 +141,7 @@ def export_command(export_format: str, run_dir: str) -> list[str]:
 
 
 def check_export(cfg: Config, export_format: str) -> None:
-    from hidream_ft.convert.keys import WRITABLE_STYLES  # imports torch: only when an export is asked for
+    from hidream_ft.lora.keys import WRITABLE_STYLES  # imports torch: only when an export is asked for
 
     if export_format not in WRITABLE_STYLES:
         raise ConfigError(f"--then-export {export_format!r}: not a LoRA format this project writes; choose one of "

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hidream_ft.model import SpecialTokens, load_hf_config, load_model, load_tokenizer
-from hidream_ft.model.tiny import write_tiny_checkpoint
+from hidream_ft.testing.tiny import write_tiny_checkpoint
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

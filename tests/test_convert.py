@@ -21,11 +21,11 @@ from hidream_ft.convert import (
     merge_checkpoint, module_regex, read_lora_file, read_peft_dir, stack_adapters, write_lora,
 )
 from hidream_ft.convert.__main__ import main
-from hidream_ft.convert.keys import ModuleIndex, architecture_index
+from hidream_ft.lora.keys import ModuleIndex, architecture_index
 from hidream_ft.convert.merge import StreamingSafetensorsWriter
 from hidream_ft.convert.sources import FullWeights
 from hidream_ft.model import SpecialTokens, build_t2i_layout, load_hf_config, load_model, load_tokenizer
-from hidream_ft.model.tiny import write_tiny_checkpoint
+from hidream_ft.testing.tiny import write_tiny_checkpoint
 
 DECODER_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 PROJECTIONS = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from hidream_ft.diffusion import (
-    add_noise, diffusion_loss, model_timestep, patchify, sample_sigmas, shift_sigmas, timestep_embedding, unpatchify,
-)
+from hidream_ft.flow.objective import add_noise, diffusion_loss, model_timestep, sample_sigmas, shift_sigmas
+from hidream_ft.model.patches import patchify, unpatchify
+from hidream_ft.model.heads import timestep_embedding
 
 
 def test_patchify_is_row_major_and_channel_major():

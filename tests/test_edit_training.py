@@ -7,7 +7,7 @@ import torch
 
 from hidream_ft.config import load_config
 from hidream_ft.data.collate import TextToImageCollator, TrainCollator
-from hidream_ft.diffusion import diffusion_loss, draw_sigmas_and_noise
+from hidream_ft.flow.objective import diffusion_loss, draw_sigmas_and_noise
 from hidream_ft.model.references import ConditionProcessor
 from hidream_ft.parallel.distributed import init_distributed
 from hidream_ft.train import Trainer, compute_loss

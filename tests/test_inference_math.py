@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hidream_ft.inference.pipeline import SIGMA_FLOOR, guided_velocity
-from hidream_ft.inference.schedules import (
+from hidream_ft.flow.schedules import (
     DEFAULT_TIMESTEPS, build_schedule, flow_match_schedule, list_schedule, unipc_schedule,
 )
 from hidream_ft.inference.solvers import (

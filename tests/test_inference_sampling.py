@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from hidream_ft.convert import load_adapter
-from hidream_ft.diffusion import patchify
+from hidream_ft.model.patches import patchify
 from hidream_ft.inference import SamplingSettings, generate, lora_applied, parse_lora_spec
 from hidream_ft.inference.pipeline import initial_noise, predict_x0, prompt_inputs, to_uint8
 from hidream_ft.model import load_model

@@ -14,7 +14,7 @@ import pytest
 import submitit
 
 from hidream_ft.parallel.distributed import init_distributed, shutdown
-from hidream_ft.parallel.preemption import (
+from hidream_ft.runtime.preemption import (
     PREEMPTED_EXIT_CODE, PreemptionHandler, ignore_preemption_signals,
 )
 from launch.jobs import DistributedJob
@@ -86,7 +86,7 @@ def test_data_loader_workers_survive_the_signals():
     """A process that called ignore_preemption_signals outlives USR2 and TERM (the default would kill it)."""
     code = (
         "import os, signal, sys\n"
-        "from hidream_ft.parallel.preemption import ignore_preemption_signals\n"
+        "from hidream_ft.runtime.preemption import ignore_preemption_signals\n"
         "ignore_preemption_signals(worker_id=0)\n"
         "os.kill(os.getpid(), signal.SIGUSR2); os.kill(os.getpid(), signal.SIGTERM)\n"
         "print('alive')\n"

@@ -13,7 +13,7 @@ import torch
 
 from hidream_ft import bench
 from hidream_ft.config import ConfigError, load_config
-from hidream_ft.parallel.optim8bit import (
+from hidream_ft.optim.adamw8bit import (
     ShardedAdamW8bit, dequantize_blockwise, quantization_map, quantize_blockwise, stochastic_round_to_bf16,
 )
 

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 
 from hidream_ft.inference.grid import GridGeometry, compose_grid, wrap_text
-from hidream_ft.inference.loras import lora_label
+from hidream_ft.lora.hooks import lora_label
 from hidream_ft.model import load_model
 from hidream_ft.sample import main
 

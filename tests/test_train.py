@@ -9,7 +9,7 @@ from peft import PeftModel
 from hidream_ft.config import load_config
 from hidream_ft.data.collate import TextToImageCollator
 from hidream_ft.model import load_model
-from hidream_ft.parallel.checkpoint import MARKER, resolve_resume, step_dir_name
+from hidream_ft.runtime.checkpoint import MARKER, resolve_resume, step_dir_name
 from hidream_ft.parallel.distributed import init_distributed
 from hidream_ft.train import Trainer, TrainingAborted
 

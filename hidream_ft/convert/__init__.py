@@ -8,12 +8,12 @@
 Formats and key examples: docs/export.md. CLI: ``python -m hidream_ft.convert --help``.
 """
 
-from hidream_ft.convert.adapter import (
+from hidream_ft.lora.adapter import (
     LoraAdapter, LoraModule, attach_adapter, check_fits, module_regex, peft_lora_config, stack_adapters,
 )
-from hidream_ft.convert.errors import ConvertError
-from hidream_ft.convert.formats import lora_metadata, read_lora_file, read_peft_dir, write_lora
-from hidream_ft.convert.keys import STYLES, WRITABLE_STYLES, KeyStyle, parse_lora_keys
+from hidream_ft.lora.errors import ConvertError
+from hidream_ft.lora.formats import lora_metadata, read_lora_file, read_peft_dir, write_lora
+from hidream_ft.lora.keys import STYLES, WRITABLE_STYLES, KeyStyle, parse_lora_keys
 from hidream_ft.convert.merge import comfyui_key, merge_checkpoint, weight_shapes
 from hidream_ft.convert.sources import FullWeights, TensorSource, load_adapter, load_source
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from hidream_ft.convert.adapter import check_fits, stack_adapters
-from hidream_ft.convert.errors import ConvertError
-from hidream_ft.convert.formats import META, describe, write_lora
-from hidream_ft.convert.keys import WRITABLE_STYLES, parse_lora_keys
+from hidream_ft.lora.adapter import check_fits, stack_adapters
+from hidream_ft.lora.errors import ConvertError
+from hidream_ft.lora.formats import META, describe, write_lora
+from hidream_ft.lora.keys import WRITABLE_STYLES, parse_lora_keys
 from hidream_ft.convert.merge import DEFAULT_SHARD_BYTES, LAYOUTS, merge_checkpoint, weight_shapes
 from hidream_ft.convert.sources import FullWeights, load_adapter, load_source
 from hidream_ft.model.loading import CheckpointError

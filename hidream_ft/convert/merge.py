@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hidream_ft.convert.adapter import LoraAdapter, LoraModule, check_fits
-from hidream_ft.convert.errors import ConvertError, listing
-from hidream_ft.convert.keys import DIFFUSION_ROOT
+from hidream_ft.lora.adapter import LoraAdapter, LoraModule, check_fits
+from hidream_ft.lora.errors import ConvertError, listing
+from hidream_ft.lora.keys import DIFFUSION_ROOT
 from hidream_ft.convert.sources import TensorSource
 from hidream_ft.model.loading import INDEX_FILE, SINGLE_FILE, weight_files
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hidream_ft.convert.adapter import LoraAdapter
-from hidream_ft.convert.errors import ConvertError
-from hidream_ft.convert.formats import META, PEFT_CONFIG, adapter_from_peft_state, read_lora_file, read_peft_dir
-from hidream_ft.convert.keys import is_lora_key
+from hidream_ft.lora.adapter import LoraAdapter
+from hidream_ft.lora.errors import ConvertError
+from hidream_ft.lora.formats import META, PEFT_CONFIG, adapter_from_peft_state, read_lora_file, read_peft_dir
+from hidream_ft.lora.keys import is_lora_key
 
 RUN_CONFIG = "config.toml"
 MODEL_KEY_ROOTS = ("model.", "lm_head.")  # a state dict under the official keys: full weights, not a LoRA
@@ -80,7 +80,7 @@ def _run_info(run_dir: Path) -> dict[str, str]:
 
 
 def _read_step_dir(step_dir: Path) -> LoraAdapter | FullWeights:
-    from hidream_ft.parallel.checkpoint import load_model_state
+    from hidream_ft.runtime.checkpoint import load_model_state
 
     try:
         meta = json.loads((step_dir / STEP_META).read_text())
@@ -111,7 +111,7 @@ def _read_step_dir(step_dir: Path) -> LoraAdapter | FullWeights:
 
 def load_source(path: str | Path) -> LoraAdapter | FullWeights:
     """Read any supported input (see the module docstring)."""
-    from hidream_ft.parallel.checkpoint import complete_checkpoints
+    from hidream_ft.runtime.checkpoint import complete_checkpoints
 
     path = Path(path)
     if path.is_file():

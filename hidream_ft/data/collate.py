@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hidream_ft.diffusion import patchify
+from hidream_ft.model.patches import patchify
 from hidream_ft.model.layout import (
     LayoutBatch, SpecialTokens, build_t2i_layout, chat_prompt_ids, collate_layouts, truncate_caption,
 )

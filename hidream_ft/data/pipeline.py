@@ -32,7 +32,7 @@ from hidream_ft.data.shards import (
     shards_fingerprint,
 )
 from hidream_ft.data.stats import full_report, record
-from hidream_ft.parallel.preemption import ignore_preemption_signals
+from hidream_ft.runtime.preemption import ignore_preemption_signals
 
 log = logging.getLogger("hidream_ft.data")
 

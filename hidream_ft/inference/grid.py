@@ -15,10 +15,10 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from tqdm.auto import tqdm
 
-from hidream_ft.convert.adapter import LoraAdapter
-from hidream_ft.inference.loras import lora_applied
+from hidream_ft.lora.adapter import LoraAdapter
+from hidream_ft.lora.hooks import lora_applied
 from hidream_ft.inference.pipeline import generate
-from hidream_ft.inference.settings import SamplingSettings
+from hidream_ft.config.sampling import SamplingSettings
 from hidream_ft.model.layout import SpecialTokens
 from hidream_ft.model.references import ReferenceImages
 

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hidream_ft.diffusion import patchify, unpatchify
-from hidream_ft.inference.settings import SamplingSettings
+from hidream_ft.model.patches import patchify, unpatchify
+from hidream_ft.config.sampling import SamplingSettings
 from hidream_ft.inference.solvers import make_solver
 from hidream_ft.model.layout import EMPTY_PROMPT, LayoutBatch, SpecialTokens, build_t2i_layout, collate_layouts
 from hidream_ft.model.references import ImageConditions, ReferenceImages, generation_inputs

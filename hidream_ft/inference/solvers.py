@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hidream_ft.inference.schedules import Schedule
+from hidream_ft.flow.schedules import Schedule
 
 
 def x0_from_derivative(z: torch.Tensor, dz_dsigma: torch.Tensor, sigma: float) -> torch.Tensor:

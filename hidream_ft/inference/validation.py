@@ -15,7 +15,7 @@ from torch import nn
 
 from hidream_ft.config import ValidationConfig
 from hidream_ft.inference.pipeline import generate
-from hidream_ft.inference.settings import SamplingSettings
+from hidream_ft.config.sampling import SamplingSettings
 from hidream_ft.model.layout import SpecialTokens
 
 TAG_PREFIX = "validation"

@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from transformers import Qwen3VLConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel, Qwen3VLVisionModel
 
-from hidream_ft.diffusion import PATCH_SIZE
+from hidream_ft.model.patches import PATCH_SIZE
 from hidream_ft.model.attention import ATTENTION_NAME, build_attention_layout
 from hidream_ft.model.heads import BottleneckPatchEmbed, FinalLayer, TimestepEmbedder
 

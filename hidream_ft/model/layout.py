@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hidream_ft.diffusion import PATCH_SIZE
+from hidream_ft.model.patches import PATCH_SIZE
 
 FIX_POINT = 4096  # image tokens sit at positions ≥ 4096 whatever the prompt length
 TEXT_TYPE, TARGET_TYPE, REFERENCE_TYPE, TIMESTEP_TYPE = 0, 1, 2, 3

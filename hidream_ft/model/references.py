@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hidream_ft.diffusion import PATCH_SIZE, patchify
+from hidream_ft.model.patches import PATCH_SIZE, patchify
 from hidream_ft.model.layout import (
     EMPTY_PROMPT, LayoutBatch, SampleLayout, SpecialTokens, chat_prompt_ids, collate_layouts, image_grid,
     layout_from_ids,

@@ -6,9 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from hidream_ft.config import ConfigError
-from hidream_ft.diffusion import PATCH_SIZE
-from hidream_ft.inference.schedules import DEFAULT_TIMESTEPS, SCHEDULERS, Schedule, build_schedule
+from hidream_ft.config.training import ConfigError
+from hidream_ft.model.patches import PATCH_SIZE
+from hidream_ft.flow.schedules import DEFAULT_TIMESTEPS, SCHEDULERS, Schedule, build_schedule
 
 
 @dataclass

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hidream_ft.convert.errors import ConvertError, listing
-from hidream_ft.convert.keys import DOWN, SLOT, STYLES, UP, template_of
+from hidream_ft.lora.errors import ConvertError, listing
+from hidream_ft.lora.keys import DOWN, SLOT, STYLES, UP, template_of
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Write a tiny random HiDream-O1 checkpoint in exactly the official on-disk layout.
 
-    python -m hidream_ft.model.tiny OUT_DIR [--seed 0]
+    python -m hidream_ft.testing.tiny OUT_DIR [--seed 0]
 
 Same file names, config schema, tensor names and special tokens as the real 8B checkpoint, at a size that
 builds in milliseconds: used by the tests and the CPU demo. The weights are random (every head included),

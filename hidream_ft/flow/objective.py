@@ -7,29 +7,7 @@ or, optionally, the velocity-space form ‖x̂0 - x0‖² / max(σ, floor)² (v 
 
 from __future__ import annotations
 
-import math
-
 import torch
-from einops import rearrange
-
-PATCH_SIZE = 32
-
-
-def patchify(images: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Tensor:
-    """[B, C, H, W] → [B, (H/p)·(W/p), C·p·p]: row-major patches, each token channel-major."""
-    _, _, h, w = images.shape
-    if h % patch_size or w % patch_size:
-        raise ValueError(f"image size {w}x{h} is not a multiple of the patch size {patch_size}")
-    return rearrange(images, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=patch_size, p2=patch_size)
-
-
-def unpatchify(tokens: torch.Tensor, height: int, width: int, patch_size: int = PATCH_SIZE) -> torch.Tensor:
-    """Inverse of :func:`patchify` for an image of ``height`` × ``width`` pixels."""
-    return rearrange(
-        tokens, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=height // patch_size, w=width // patch_size,
-        p1=patch_size, p2=patch_size,
-    )
-
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """The flow-matching resolution shift σ' = s·σ / (1 + (s - 1)·σ); shift 1 is the identity."""
@@ -119,11 +97,3 @@ def diffusion_loss(
     if sample_weights is not None:
         return (per_sample * sample_weights.float()).sum() / sample_weights.float().sum().clamp_min(1e-12)
     return per_sample.mean()
-
-
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0, scale: float = 1000.0):
-    """Sinusoidal features [cos, sin] of scale·t, as the `<|tms_token|>` embedder expects (cosines first)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = scale * t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)

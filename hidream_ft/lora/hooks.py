@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hidream_ft.convert.adapter import LoraAdapter, check_fits, stack_adapters
+from hidream_ft.lora.adapter import LoraAdapter, check_fits, stack_adapters
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:

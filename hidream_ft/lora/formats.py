@@ -1,7 +1,7 @@
 """Reading LoRA files of any known key style into a :class:`LoraAdapter`, and writing the inference formats.
 
 Writers: a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``) and single
-``.safetensors`` files in the comfyui, kohya and musubi styles (see :mod:`hidream_ft.convert.keys`).
+``.safetensors`` files in the comfyui, kohya and musubi styles (see :mod:`hidream_ft.lora.keys`).
 Every file carries string metadata in its safetensors header (:func:`lora_metadata`).
 """
 
@@ -17,11 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hidream_ft.convert.adapter import (
+from hidream_ft.lora.adapter import (
     LoraAdapter, LoraModule, alpha_from_peft, lora_module, peft_alpha, peft_lora_config,
 )
-from hidream_ft.convert.errors import ConvertError, listing
-from hidream_ft.convert.keys import ALPHA, DOWN, STYLES, UP, WRITABLE_STYLES, parse_lora_keys, template_of
+from hidream_ft.lora.errors import ConvertError, listing
+from hidream_ft.lora.keys import ALPHA, DOWN, STYLES, UP, WRITABLE_STYLES, parse_lora_keys, template_of
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"

@@ -26,7 +26,7 @@ from functools import lru_cache
 
 from torch import nn
 
-from hidream_ft.convert.errors import ConvertError, listing
+from hidream_ft.lora.errors import ConvertError, listing
 
 SLOT = "#"  # stands for a layer / block number in a module template
 DIFFUSION_ROOT = "model."  # the diffusion model inside the HF model; relative styles name paths below it
@@ -78,7 +78,7 @@ def architecture_index() -> ModuleIndex:
     from transformers import Qwen3VLConfig
 
     from hidream_ft.model.loading import build_meta_model
-    from hidream_ft.model.tiny import tiny_config_dict, tiny_tokenizer
+    from hidream_ft.testing.tiny import tiny_config_dict, tiny_tokenizer
 
     config = Qwen3VLConfig.from_dict(tiny_config_dict(tiny_tokenizer(), text_layers=2))
     return ModuleIndex.from_model(build_meta_model(config, tms_token_id=0))

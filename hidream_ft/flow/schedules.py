@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hidream_ft.diffusion import shift_sigmas
+from hidream_ft.flow.objective import shift_sigmas
 
 NUM_TRAIN_TIMESTEPS = 1000
 SCHEDULERS = ("unipc", "flow_match", "flash")

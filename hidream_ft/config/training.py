@@ -326,7 +326,7 @@ class ValidationConfig:
             raise ConfigError(f"{where}.every: must be ≥ 0 (0 turns validation off), got {self.every}")
         if self.every and not self.prompts:
             raise ConfigError(f"{where}.prompts: validation every {self.every} steps needs at least one prompt")
-        from hidream_ft.inference.settings import SamplingSettings  # deferred: the sampler imports this module
+        from hidream_ft.config.sampling import SamplingSettings  # deferred: the sampler imports this module
 
         SamplingSettings.from_fields(self).validate(where)
 

@@ -27,7 +27,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch
     if cfg.name == "adamw":
         fused = params[0].device.type == "cuda"
         return torch.optim.AdamW(params, fused=fused, foreach=not fused, **kwargs)
-    from hidream_ft.parallel.optim8bit import ShardedAdamW8bit
+    from hidream_ft.optim.adamw8bit import ShardedAdamW8bit
 
     return ShardedAdamW8bit(params, **kwargs, stochastic_rounding=cfg.stochastic_rounding)
 

@@ -1,0 +1,2 @@
+"""Everything LoRA: training targets, the canonical adapter type, key styles, file formats and the
+sampling-time hooks."""

@@ -1,0 +1,1 @@
+"""Run-time services of a training job: checkpoints and preemption signals."""
