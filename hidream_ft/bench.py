@@ -20,6 +20,7 @@ recomputation, so it compares recipes, not hardware utilisation. ``--shape tiny`
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -31,19 +32,19 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from hidream_ft import train
-from hidream_ft.config import ConfigError, load_config
+from hidream_ft.trainer import Trainer
+from hidream_ft.cli import entry_point, int_at_least
+from hidream_ft.config import load_config, toml_literal
 from hidream_ft.data.collate import TextToImageCollator
 from hidream_ft.data.samples import Sample
 from hidream_ft.metrics import peak_memory_gib
-from hidream_ft.model.layout import SpecialTokens
-from hidream_ft.model.loading import build_meta_model, load_hf_config, restore_rotary_buffers
+from hidream_ft.model.loading import load_model
 from hidream_ft.testing.tiny import preprocessor_config, tiny_config_dict, tiny_tokenizer
 from hidream_ft.parallel.distributed import init_distributed, shutdown
 
 H100_BF16_PEAK_TFLOPS = 989.0
 
-# Qwen3-VL-8B (spec §2); the tiny shape is hidream_ft.testing.tiny's.
+# The Qwen3-VL-8B shape of HiDream-O1-Image; the tiny shape is hidream_ft.testing.tiny's.
 SHAPES = {
     "8b": {
         "text_config": {
@@ -114,27 +115,16 @@ def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
 
 
 def random_weights_loader(seed: int):
-    """A stand-in for ``hidream_ft.model.loading.load_model`` (same signature) that reads no weight files."""
-
-    def load(path, *, dtype, device, attention, tokenizer, prepare):
-        config = load_hf_config(path)
-        model = build_meta_model(config, SpecialTokens.from_tokenizer(tokenizer, config).tms, attention)
-        model.to(dtype)
-        prepared = prepare(model)
-        model.to_empty(device=device)
-        randomize_parameters(model, seed)
-        restore_rotary_buffers(model)
-        return prepared
-
-    return load
+    """``hidream_ft.model.loading.load_model`` with random weights: it reads no weight files."""
+    return functools.partial(load_model, fill=lambda model: randomize_parameters(model, seed))
 
 
-def build_trainer(cfg, env) -> train.Trainer:
+def build_trainer(cfg, env) -> Trainer:
     # Only the weight source differs: LoRA, trainable selection, FSDP, optimizer and step are the production code.
-    return train.Trainer(cfg, env, load=random_weights_loader(cfg.train.seed))
+    return Trainer(cfg, env, load=random_weights_loader(cfg.train.seed))
 
 
-def synthetic_batch(trainer: train.Trainer, size: int, batch: int, text_tokens: int):
+def synthetic_batch(trainer: Trainer, size: int, batch: int, text_tokens: int):
     """``batch`` random size×size images whose captions fill the text budget exactly as a long caption would."""
     collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, text_tokens)
     caption = " ".join(itertools.islice(itertools.cycle(CAPTION_WORDS), text_tokens))
@@ -144,7 +134,7 @@ def synthetic_batch(trainer: train.Trainer, size: int, batch: int, text_tokens: 
     return collate(samples)
 
 
-def decoder_params(trainer: train.Trainer) -> int:
+def decoder_params(trainer: Trainer) -> int:
     """N of the MFU convention: decoder weights without the embedding table and without LoRA adapters."""
     language_model = trainer.base.model.language_model
     return sum(p.numel() for name, p in language_model.named_parameters()
@@ -156,7 +146,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(trainer: train.Trainer, batch, steps: int, warmup: int, peak_tflops: float) -> Measurement:
+def measure(trainer: Trainer, batch, steps: int, warmup: int, peak_tflops: float) -> Measurement:
     device = trainer.env.device
     for _ in range(warmup):
         trainer.step([batch])
@@ -198,20 +188,10 @@ def multiple_of_32(text: str) -> int:
     return value
 
 
-def at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is not ≥ {minimum}")
-        return value
-
-    return parse
+positive, non_negative = int_at_least(1), int_at_least(0)
 
 
-positive, non_negative = at_least(1), at_least(0)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hidream_ft.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["lora", "full"], default="lora")
@@ -235,10 +215,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config_overrides(args: argparse.Namespace, shape_dir: Path, output_dir: Path) -> list[str]:
     return [
-        f"model.path={shape_dir}", f"train.mode={args.mode}", f"model.attention={args.attention}",
+        f"model.path={toml_literal(str(shape_dir))}", f"train.mode={args.mode}", f"model.attention={args.attention}",
         f"parallel.activation_checkpointing={args.ac}", f"parallel.compile={str(args.compile).lower()}",
         f"optim.name={args.optim}", f"train.max_steps={args.warmup + args.steps}",
-        f"logging.output_dir={output_dir}", "logging.tensorboard=false", *args.set,
+        f"logging.output_dir={toml_literal(str(output_dir))}", "logging.tensorboard=false", *args.set,
     ]
 
 
@@ -256,13 +236,11 @@ def run(args: argparse.Namespace) -> str:
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         shutdown()
     return 0

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,17 +24,18 @@ from typing import Literal
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from hidream_ft.config import ConfigError, build_table, read_toml
+from hidream_ft.cli import entry_point, image_size
+from hidream_ft.config import ConfigError, ModelDtype, build_table, read_toml
 from hidream_ft.inference.grid import GridColumn, render_grid, to_pil
 from hidream_ft.convert import load_adapter
-from hidream_ft.lora.hooks import lora_applied, lora_label, parse_lora_spec
+from hidream_ft.lora import lora_applied, lora_label, parse_lora_spec
 from hidream_ft.inference.pipeline import generate
 from hidream_ft.flow.schedules import DEFAULT_TIMESTEPS, SCHEDULERS
 from hidream_ft.config.sampling import RECIPES, SamplingSettings
+from hidream_ft.errors import UserError
 from hidream_ft.model import SpecialTokens, load_hf_config, load_model, load_tokenizer
-from hidream_ft.model.references import ReferenceImages
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+from hidream_ft.model.dtypes import TORCH_DTYPES
+from hidream_ft.inference.references import ReferenceImages
 
 
 @dataclass
@@ -47,12 +49,13 @@ class GridFile:
     """The ``grid --config`` TOML file; ``[sampling]`` takes the sampler keys, over the ``preset`` recipe."""
 
     model: str = ""
+    weights: str = ""  # one .safetensors file with the weights instead of model's
     out: str = "grid.png"
     prompts: list[str] = field(default_factory=list)
     references: list[list[str]] = field(default_factory=list)  # edit / IP: one image set per row group
     columns: list[GridColumnSpec] = field(default_factory=lambda: [GridColumnSpec()])
     preset: Literal["full", "dev", "dev-2604"] = "full"
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    dtype: ModelDtype = "auto"
     device: str = ""
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
@@ -64,15 +67,6 @@ class GridFile:
             raise ConfigError(f"{where}.prompts: at least one prompt is required")
         if not self.columns:
             raise ConfigError(f"{where}.columns: at least one column is required")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``WxH`` → (width, height)."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 1024x1024") from None
-    return width, height
 
 
 def parse_timesteps(text: str) -> list[int]:
@@ -87,7 +81,9 @@ def parse_timesteps(text: str) -> list[int]:
 
 def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool) -> None:
     parser.add_argument("--model", required=model_required, help="HiDream-O1-Image folder (official layout)")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default=None,
+    parser.add_argument("--weights", default=None, metavar="FILE",
+                        help="one .safetensors file (e.g. ComfyUI's) with the weights instead of --model's")
+    parser.add_argument("--dtype", choices=typing.get_args(ModelDtype), default=None,
                         help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu …; default: cuda if available")
     parser.add_argument("--attention", choices=["split", "dense"], default="split")
@@ -106,7 +102,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--noise-scale-end", dest="noise_scale_end", type=float, help="flash: last-step noise")
     group.add_argument("--noise-clip-std", dest="noise_clip_std", type=float, help="flash: clip noise (0 = off)")
     group.add_argument("--seed", type=int)
-    group.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 32")
+    group.add_argument("--size", type=image_size, help="WIDTHxHEIGHT, multiples of 32")
 
 
 def sampling_settings(args: argparse.Namespace, base: SamplingSettings | None = None) -> SamplingSettings:
@@ -122,16 +118,29 @@ def sampling_settings(args: argparse.Namespace, base: SamplingSettings | None = 
     return settings
 
 
-def load_for_sampling(path: str, dtype: str | None, device: str | None, attention: str):
+def load_for_sampling(path: str, dtype: str | None, device: str | None, attention: str, weights: str | None = None):
     """(model in eval mode, tokenizer, special tokens, device)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or "auto"
-    torch_dtype = DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        torch_dtype = TORCH_DTYPES[dtype]
     config = load_hf_config(path)
     tokenizer = load_tokenizer(path)
     tokens = SpecialTokens.from_tokenizer(tokenizer, config)
-    model = load_model(path, dtype=torch_dtype, device=device, attention=attention, tokenizer=tokenizer).eval()
+    model = load_model(path, weights=weights, dtype=torch_dtype, device=device, attention=attention,
+                       tokenizer=tokenizer).eval()
     return model, tokenizer, tokens, device
+
+
+def open_references(paths: list[str], model_path: str) -> ReferenceImages:
+    """The ``--reference`` images; an unreadable file is the user's to fix (a wrong count already raises a
+    :class:`UserError`)."""
+    try:
+        return ReferenceImages.open(paths, model_path)
+    except OSError as e:
+        raise UserError(f"--reference: {e}") from None
 
 
 def png_info(record: dict) -> PngInfo:
@@ -163,8 +172,9 @@ def run_single(argv: list[str]) -> Path:
     settings = sampling_settings(args)
     specs = [parse_lora_spec(spec) for spec in args.lora]
     loras = [(load_adapter(path), weight) for path, weight in specs]
-    references = ReferenceImages.open(args.reference, args.model) if args.reference else None
-    model, tokenizer, tokens, device = load_for_sampling(args.model, args.dtype, args.device, args.attention)
+    references = open_references(args.reference, args.model) if args.reference else None
+    model, tokenizer, tokens, device = load_for_sampling(args.model, args.dtype, args.device, args.attention,
+                                                         args.weights)
     with lora_applied(model, loras):
         image = generate(model, tokenizer, tokens, args.prompt, settings, device, progress=True,
                          references=references)
@@ -219,6 +229,7 @@ def run_grid(argv: list[str]) -> Path:
         grid = GridFile()
         base = None
     grid.model = args.model or grid.model
+    grid.weights = args.weights or grid.weights
     grid.prompts = args.prompt or grid.prompts
     grid.references = [spec.split(",") for spec in args.reference] or grid.references
     grid.columns = args.column or grid.columns
@@ -232,10 +243,10 @@ def run_grid(argv: list[str]) -> Path:
         parsed = [parse_lora_spec(lora) for lora in spec.loras]
         label = spec.label or " + ".join(lora_label(path, weight) for path, weight in parsed) or "base"
         columns.append((GridColumn(label, [(load_adapter(path), weight) for path, weight in parsed]), spec))
-    references = [(" + ".join(Path(p).name for p in paths), ReferenceImages.open(paths, grid.model))
+    references = [(" + ".join(Path(p).name for p in paths), open_references(paths, grid.model))
                   for paths in grid.references]
     model, tokenizer, tokens, device = load_for_sampling(grid.model, grid.dtype, grid.device or None,
-                                                         args.attention)
+                                                         args.attention, grid.weights or None)
     image = render_grid(model, tokenizer, tokens, grid.prompts, [c for c, _ in columns], settings, device,
                         progress=True, references=references)
     record = {"prompts": grid.prompts, "references": grid.references, "model": grid.model,
@@ -244,14 +255,11 @@ def run_grid(argv: list[str]) -> Path:
     return save_png(image, grid.out, record)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        out = run_grid(argv[1:]) if argv[:1] == ["grid"] else run_single(argv)
-    except (ValueError, OSError) as e:  # ConfigError, CheckpointError and ConvertError are ValueErrors
-        sys.exit(f"error: {e}")
+@entry_point
+def main(argv: list[str]) -> None:
+    out = run_grid(argv[1:]) if argv[:1] == ["grid"] else run_single(argv)
     print(out)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,250 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import math
-import shutil
 import sys
-import time
-import warnings
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from peft import get_peft_model_state_dict
-from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-from hidream_ft.config import Config, ConfigError, load_config, to_toml
-from hidream_ft.data import build_pipeline
-from hidream_ft.data.collate import TrainBatch, TrainCollator
-from hidream_ft.flow.objective import add_noise, diffusion_loss, draw_sigmas_and_noise, model_timestep
-from hidream_ft.inference.validation import log_validation, render_validation
-from hidream_ft.metrics import MetricsLogger, peak_memory_gib
-from hidream_ft.model.layout import SpecialTokens
-from hidream_ft.model.loading import CheckpointError, load_hf_config, load_model, load_tokenizer
-from hidream_ft.lora.targets import apply_lora, init_lora_weights, set_full_trainable
-from hidream_ft.model.references import ConditionProcessor
-from hidream_ft.optim import build_optimizer, build_scheduler
-from hidream_ft.runtime.checkpoint import Checkpointer, resolve_resume
-from hidream_ft.parallel.distributed import DistEnv, build_mesh, init_distributed, shutdown
-from hidream_ft.parallel.fsdp import DTYPES, parallelize
-from hidream_ft.runtime.preemption import PreemptionHandler
+from hidream_ft.cli import entry_point
+from hidream_ft.config import load_config
 
 
-# The prediction is only read by the loss, never modified in place, so FSDP's view warning does not apply.
-warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-
-
-class TrainingAborted(RuntimeError):
-    pass
-
-
-def master_dtype(cfg: Config) -> torch.dtype:
-    """fp32 master weights for a full fine-tune; a bf16 frozen base under fp32 adapters for LoRA."""
-    if cfg.model.dtype == "auto":
-        return torch.float32 if cfg.train.mode == "full" else torch.bfloat16
-    return DTYPES[cfg.model.dtype]
-
-
-def build_model(cfg: Config, env: DistEnv, tokenizer, load=load_model):
-    """Meta model → LoRA injection or trainable selection → FSDP → materialise → load weights shard-wise.
-
-    ``load`` has :func:`hidream_ft.model.load_model`'s signature (the benchmark passes a random-weight one).
-    Returns (the module to call — the PEFT wrapper in LoRA mode —, the FSDP-sharded HiDreamO1 inside it).
-    """
-    mesh = build_mesh(env, cfg.parallel.hsdp)
-
-    def prepare(base):
-        if cfg.train.mode == "lora":
-            model = apply_lora(base, cfg.lora)
-        else:
-            set_full_trainable(base, cfg.full)
-            model = base
-        parallelize(base, cfg.parallel, mesh)
-        return model
-
-    model = load(cfg.model.path, dtype=master_dtype(cfg), device=env.device, attention=cfg.model.attention,
-                 tokenizer=tokenizer, prepare=prepare)
-    if cfg.train.mode == "lora":
-        init_lora_weights(model, cfg.train.seed)
-        return model, model.base_model.model
-    return model, model
-
-
-def compute_loss(model, batch: TrainBatch, cfg: Config) -> torch.Tensor:
-    """One micro-batch: draw σ and ε, noise the target, predict x0, MSE on the target tokens."""
-    d = cfg.diffusion
-    x0 = batch.x0
-    sigmas, noise = draw_sigmas_and_noise(
-        batch.noise_seeds, x0.shape[1:], x0.device, method=d.timestep_sampling, logit_mean=d.logit_mean,
-        logit_std=d.logit_std, shift=d.shift, sigma_min=d.sigma_min, sigma_max=d.sigma_max,
-    )
-    z = add_noise(x0, noise, sigmas, d.noise_scale)
-    # Only the target is noised and predicted; reference patches (edit / IP) ride along clean.
-    x_pred = model(**batch.model_inputs(z), timestep=model_timestep(sigmas),
-                   output_tokens=batch.layout.num_target_tokens)
-    return diffusion_loss(x_pred, x0, sigmas, kind=d.loss, sigma_floor=d.velocity_sigma_floor,
-                          sample_weights=batch.weights)
-
-
-class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv, load=load_model):
-        self.cfg, self.env = cfg, env
-        self.output_dir = Path(cfg.logging.output_dir)
-        self.tokenizer = load_tokenizer(cfg.model.path)
-        self.tokens = SpecialTokens.from_tokenizer(self.tokenizer, load_hf_config(cfg.model.path))
-        self.model, self.base = build_model(cfg, env, self.tokenizer, load)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank,
-                                         env.world_size, trainable_only=cfg.train.mode == "lora")
-        self.skipped_total = 0
-        self.skipped_in_a_row = 0
-
-    def step(self, micro_batches: list[TrainBatch]) -> dict[str, float]:
-        """Forward/backward over the micro-batches, then one guarded optimizer step."""
-        self.model.train()
-        loss_sum = torch.zeros((), device=self.env.device)
-        for index, batch in enumerate(micro_batches):
-            self.base.set_requires_gradient_sync(index == len(micro_batches) - 1)
-            loss = compute_loss(self.model, batch.to(self.env.device), self.cfg)
-            (loss / len(micro_batches)).backward()
-            loss_sum += loss.detach()
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        dist.all_reduce(loss_sum)
-        loss = loss_sum.item() / (len(micro_batches) * self.env.world_size)
-        grad_norm = grad_norm.item()
-        # Both numbers are global (all-reduced), so every rank takes the same branch.
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.optimizer.step()
-            self.skipped_in_a_row = 0
-        else:
-            self.skipped_total += 1
-            self.skipped_in_a_row += 1
-            if self.skipped_in_a_row > self.cfg.train.max_consecutive_skips:
-                raise TrainingAborted(
-                    f"{self.skipped_in_a_row} consecutive steps with a non-finite loss or gradient "
-                    f"(last loss {loss}, grad-norm {grad_norm}); lower optim.lr or check the data"
-                )
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
-
-    def meta(self) -> dict:
-        lora = self.cfg.lora
-        return {
-            "mode": self.cfg.train.mode,
-            "model_path": str(self.cfg.model.path),
-            "skipped_steps": self.skipped_total,
-            "lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
-                     "use_rslora": lora.use_rslora, "target_modules": self.model.peft_config["default"].target_modules}
-            if self.cfg.train.mode == "lora" else None,
-        }
-
-    def save_checkpoint(self, step: int, data_state) -> Path:
-        return self.checkpointer.save(step, self.model, self.optimizer, self.scheduler, data_state, self.meta())
-
-    def resume(self) -> tuple[int, object]:
-        path = resolve_resume(self.cfg.checkpoint.resume, self.checkpointer.root)
-        if path is None:
-            return 0, None
-        step, data_state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler)
-        return step, data_state
-
-    def save_adapter(self) -> Path | None:
-        """The final LoRA as a PEFT directory (keys in the official HF layout), written atomically."""
-        if self.cfg.train.mode != "lora":
-            return None
-        full = get_model_state_dict(self.model, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-        out = self.output_dir / "adapter"
-        if self.env.is_main:
-            adapter = get_peft_model_state_dict(self.model, state_dict=full)
-            tmp = self.output_dir / ".adapter.tmp"
-            tmp.mkdir(parents=True, exist_ok=True)
-            config = self.model.peft_config["default"]
-            config.base_model_name_or_path = str(self.cfg.model.path)
-            config.save_pretrained(str(tmp))
-            save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter_model.safetensors"),
-                      metadata={"format": "pt"})
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        dist.barrier()
-        return out
-
-
-def run(cfg: Config) -> dict:
-    env = init_distributed()
-    # Installed before the model so a signal during loading is honoured at the first step boundary.
-    preemption = PreemptionHandler(env.device).install()
-    torch.manual_seed(cfg.train.seed)
-    trainer = Trainer(cfg, env)
-    output_dir = trainer.output_dir
-    if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.toml").write_text(to_toml(cfg))
-    start_step, data_state = trainer.resume()
-    collate = TrainCollator(trainer.tokenizer, trainer.tokens, cfg.data.max_text_tokens,
-                            ConditionProcessor.from_pretrained(cfg.model.path))
-    pipeline = build_pipeline(cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
-                              default_batch_size=cfg.train.batch_size, collate=collate)
-    if data_state is not None:
-        pipeline.load_state_dict(data_state)
-    log = MetricsLogger(output_dir, env.is_main, cfg.logging.tensorboard, cfg.train.max_steps, start_step)
-    if start_step:
-        log.info(f"resumed at step {start_step}")
-    history = {}
-    step = start_step
-    last_saved = start_step
-    tick = time.perf_counter()
-    for step, micro_batches in pipeline.iterate(start_step=start_step, grad_accum=cfg.train.grad_accum):
-        if step >= cfg.train.max_steps:
-            break
-        stats = trainer.step(micro_batches)
-        done = step + 1
-        history[done] = stats["loss"]
-        elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-        samples = sum(b.size for b in micro_batches) * env.world_size
-        tokens = samples * micro_batches[0].layout.num_target_tokens
-        log.progress(done, stats["loss"], stats["lr"])
-        if done % cfg.logging.log_every == 0 or done == cfg.train.max_steps:
-            log.scalars(done, {
-                "train/loss": stats["loss"], "train/lr": stats["lr"], "train/grad_norm": stats["grad_norm"],
-                "train/skipped_steps": trainer.skipped_total, "perf/samples_per_s": samples / elapsed,
-                "perf/tokens_per_s": tokens / elapsed, "perf/step_s": elapsed,
-                "memory/peak_gib": peak_memory_gib(env.device),
-                **{f"data/{k}": v for k, v in pipeline.stats().items()},
-            })
-        if cfg.validation.every and done % cfg.validation.every == 0:
-            # Every rank renders (FSDP forwards are collective); rank 0 writes the images.
-            images = render_validation(trainer.model, trainer.tokenizer, trainer.tokens, cfg.validation, env.device)
-            if log.writer is not None:
-                log_validation(log.writer, done, images)
-        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
-            trainer.save_checkpoint(done, pipeline.state_dict())
-            last_saved = done
-        step = done
-        if preemption.should_stop():  # a collective: every rank asks every step and all stop together
-            if last_saved != done:
-                trainer.save_checkpoint(done, pipeline.state_dict())
-            log.info(f"stopped at step {done} by a preemption signal; checkpoint saved")
-            log.close()
-            preemption.requeue_exit()
-    preemption.uninstall()
-    if step > last_saved:
-        trainer.save_checkpoint(step, pipeline.state_dict())
-    trainer.save_adapter()
-    log.info(f"finished at step {step}; outputs in {output_dir}")
-    log.close()
-    return {"history": history, "skipped": trainer.skipped_total, "step": step}
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m hidream_ft.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -260,14 +23,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    # Imported only now: torch, transformers and peft take seconds that --help and a config error need not wait.
+    from hidream_ft.parallel.distributed import shutdown
+    from hidream_ft.trainer import check_inputs, run
+
+    check_inputs(cfg)
     try:
-        cfg = load_config(args.config, args.set)
         run(cfg)
-    except (ConfigError, CheckpointError, TrainingAborted, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         shutdown()
     return 0

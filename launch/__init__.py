@@ -1,3 +1,3 @@
 """Cluster launch for hidream-ft: ``python -m launch.submit`` (submitit: SLURM jobs, sweeps as job arrays,
-export afterwards) and ``python -m launch.sweep`` (sweep points for the plain sbatch scripts in ``slurm/``).
-See docs/cluster.md."""
+export afterwards), and for the plain sbatch scripts in ``slurm/`` ``python -m launch.sweep`` (sweep points) and
+``python -m launch.torchrun`` (torchrun that ends a preempted run with the requeue status). See docs/cluster.md."""

@@ -16,15 +16,20 @@ import argparse
 import json
 import shlex
 import shutil
+import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import submitit
+from submitit.core.utils import FailedJobError, FailedSubmissionError, JobPaths
 from submitit.slurm.slurm import _make_sbatch_string
 
-from hidream_ft.config import Config, ConfigError, SlurmConfig
+from hidream_ft.cli import entry_point
+from hidream_ft.config import Config, ConfigError, SlurmConfig, TrainConfig
+from hidream_ft.errors import UserError
 from launch.jobs import CHECK_ENTRYPOINT, TRAIN_ENTRYPOINT, DistributedJob
 from launch.sweep import Plan, plan
 
@@ -42,6 +47,19 @@ class Resources:
     gpus_per_node: int
     time_min: int
     dependency: str | None = None
+
+    def summary(self) -> str:
+        return (f"{self.nodes} node(s) x {self.tasks_per_node} task(s), {self.gpus_per_node} GPU(s) per node, "
+                f"{self.time_min} min")
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """One kind of sbatch submission of a launch: the training job (an array for a sweep) or the export jobs."""
+
+    label: str
+    resources: Resources
+    array_size: int | None = None
 
 
 def training_resources(slurm: SlurmConfig) -> Resources:
@@ -104,11 +122,70 @@ def make_executor(cluster: str, folder: str, slurm: SlurmConfig, resources: Reso
     return executor
 
 
-def sbatch_script(cfg: Config, resources: Resources, folder: str, array_size: int | None) -> str:
+def sbatch_script(slurm: SlurmConfig, resources: Resources, folder: str, array_size: int | None) -> str:
     """The sbatch script submitit will write for these resources (for --dry-run; submits nothing)."""
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
     return _make_sbatch_string(command=command, folder=folder, map_count=array_size,
-                               **sbatch_parameters(cfg.slurm, resources))
+                               **sbatch_parameters(slurm, resources))
+
+
+def slurm_submissions(the_plan: Plan, entrypoint: str, then_export: str | None) -> list[PlannedJob]:
+    """Every kind of job a launch submits to SLURM; the export jobs of a sweep all have one shape."""
+    slurm = the_plan.config.slurm
+    runs = len(task_jobs(the_plan, entrypoint))
+    planned = [PlannedJob("training job", training_resources(slurm), runs if runs > 1 else None)]
+    if then_export:
+        planned.append(PlannedJob("export job", export_resources(slurm, "<training job>")))
+    return planned
+
+
+def partition_offer(partition: str) -> str:
+    """What the partition's nodes have, as sinfo tells it (empty where it cannot)."""
+    try:
+        shown = subprocess.run(["sinfo", "--noheader", "--format=%P|%D|%c|%m|%G",
+                                *(["--partition", partition] if partition else [])],
+                               capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    offers = []
+    for line in shown.splitlines():
+        name, nodes, cpus, memory, gres = line.split("|")
+        if partition or name.endswith("*"):  # sinfo marks the default partition with *
+            gpus = "no GPUs" if gres in ("(null)", "") else f"gres {gres}"
+            offers.append(f"partition {name.rstrip('*')} has {nodes} node(s) with {cpus} CPUs, {memory} MB, {gpus}")
+    return "; ".join(offers)
+
+
+def check_with_sbatch(slurm: SlurmConfig, planned: list[PlannedJob]) -> None:
+    """Ask SLURM whether it would ever run each job (``sbatch --test-only``), before any is submitted.
+
+    SLURM accepts a job the partition can never run and leaves it PENDING (Reason=PartitionConfig) for good;
+    --test-only refuses it at once, with SLURM's own reason.
+    """
+    refusals = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for job in planned:
+            script = Path(scratch) / "job.sh"
+            # The dependency names a job that does not exist yet; the shape is what is checked.
+            resources = replace(job.resources, dependency=None)
+            script.write_text(sbatch_script(slurm, resources, scratch, job.array_size))
+            answer = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
+            if answer.returncode != 0:
+                refusals.append(f"the {job.label} ({resources.summary()}): {' '.join(answer.stderr.split())}")
+    if refusals:
+        offer = partition_offer(slurm.partition)
+        raise UserError(f"SLURM would not run {'; '.join(refusals)}{'; ' + offer if offer else ''}; "
+                        f"nothing was submitted")
+
+
+def withdraw(job_ids: list[str], folder: str, files_before: set[Path]) -> None:
+    """Cancel the jobs a failed launch submitted and remove submitit's files of the job it could not submit."""
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], capture_output=True)
+    staging = JobPaths.get_first_id_independent_folder(folder)
+    for leftover in set(staging.glob("*.pkl")) | set(staging.glob(".submission_file_*")):
+        if leftover not in files_before:
+            leftover.unlink(missing_ok=True)
 
 
 def trainer_argv(config_path: Path, overrides: list[str]) -> list[str]:
@@ -140,14 +217,14 @@ def export_command(export_format: str, run_dir: str) -> list[str]:
             "--out", str(Path(run_dir) / "export" / name)]
 
 
-def check_export(cfg: Config, export_format: str) -> None:
-    from hidream_ft.lora.keys import WRITABLE_STYLES  # imports torch: only when an export is asked for
+def check_export(train: TrainConfig, export_format: str) -> None:
+    from hidream_ft.lora import WRITABLE_STYLES  # imports torch: only when an export is asked for
 
     if export_format not in WRITABLE_STYLES:
         raise ConfigError(f"--then-export {export_format!r}: not a LoRA format this project writes; choose one of "
                           f"{', '.join(WRITABLE_STYLES)}")
-    if cfg.train.mode != "lora":
-        raise ConfigError(f"--then-export writes LoRA files, but train.mode = {cfg.train.mode!r}; fold a full "
+    if train.mode != "lora":
+        raise ConfigError(f"--then-export writes LoRA files, but train.mode = {train.mode!r}; fold a full "
                           f"fine-tune into the base model with `python -m hidream_ft.convert merge`")
 
 
@@ -183,7 +260,11 @@ def describe(the_plan: Plan, cluster: str, entrypoint: str, then_export: str | N
                      f"{resources.gpus_per_node} GPU(s) per node, {resources.time_min} min, "
                      f"{'one array job of ' + str(array_size) + ' tasks' if array_size else 'one job'}")
         lines += ["--- sbatch script (generated by submitit) ---",
-                  sbatch_script(cfg, resources, folder, array_size), "---"]
+                  sbatch_script(slurm, resources, folder, array_size), "---"]
+        if then_export:
+            export = export_resources(slurm, "<training job>")
+            lines += [f"export: {export.summary()}, one job per training run, each once its run has succeeded",
+                      "--- export sbatch script ---", sbatch_script(slurm, export, folder, None), "---"]
     elif cluster == "local":
         params = local_parameters(slurm, resources)
         lines.append("local executor: " + ", ".join(f"{k}={v}" for k, v in params.items()))
@@ -206,8 +287,27 @@ def submit(the_plan: Plan, cluster: str, entrypoint: str, then_export: str | Non
     cfg = the_plan.config
     folder = submitit_folder(cfg)
     executor = make_executor(cluster, folder, cfg.slurm, training_resources(cfg.slurm))
+    if cluster == "slurm":
+        check_with_sbatch(cfg.slurm, slurm_submissions(the_plan, entrypoint, then_export))
+    staging = JobPaths.get_first_id_independent_folder(folder)
+    files_before = set(staging.glob("*")) if staging.exists() else set()
+    submitted: list[str] = []
+    try:
+        return submit_jobs(the_plan, cluster, entrypoint, then_export, executor, submitted)
+    except (FailedJobError, FailedSubmissionError) as e:  # refused despite the check (a quota, a race)
+        withdraw(submitted, folder, files_before)
+        cancelled = f"; cancelled the jobs already submitted ({', '.join(submitted)})" if submitted else ""
+        raise UserError(f"sbatch refused a job: {' '.join(str(e).split())}{cancelled}") from None
+
+
+def submit_jobs(the_plan: Plan, cluster: str, entrypoint: str, then_export: str | None,
+                executor: submitit.Executor, submitted: list[str]) -> list[submitit.Job]:
+    """The submissions themselves, each job id added to ``submitted`` as soon as it is accepted."""
+    cfg = the_plan.config
+    folder = submitit_folder(cfg)
     tasks = task_jobs(the_plan, entrypoint)
     jobs = [executor.submit(tasks[0])] if len(tasks) == 1 else executor.submit_array(tasks)
+    submitted += [job.job_id for job in jobs]
     for job, run_dir in zip(jobs, run_dirs(the_plan)):
         print(f"submitted {job.job_id}: {run_dir}  (logs: {job.paths.stdout.parent})")
     if the_plan.points:
@@ -220,6 +320,7 @@ def submit(the_plan: Plan, cluster: str, entrypoint: str, then_export: str | Non
         for job, run_dir in zip(jobs, run_dirs(the_plan)):
             export = make_executor(cluster, folder, cfg.slurm, export_resources(cfg.slurm, job.job_id))
             export_job = export.submit(submitit.helpers.CommandFunction(export_command(then_export, run_dir)))
+            submitted.append(export_job.job_id)
             print(f"submitted {export_job.job_id}: export {then_export} of {run_dir} after {job.job_id} succeeds")
     return jobs
 
@@ -268,23 +369,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     entrypoint = CHECK_ENTRYPOINT if args.check else TRAIN_ENTRYPOINT
-    try:
-        check_preempt_signal()
-        the_plan = plan(args.config, args.set, args.sweep)
-        if args.check and (the_plan.points or args.then_export):
-            raise ConfigError("--check runs one communication test; drop --sweep/[sweep] and --then-export")
-        if args.then_export:
-            check_export(the_plan.config, args.then_export)
-        if args.dry_run:
-            print(describe(the_plan, args.cluster, entrypoint, args.then_export))
-            return 0
-        jobs = submit(the_plan, args.cluster, entrypoint, args.then_export)
-    except (ConfigError, RuntimeError) as e:  # RuntimeError: submitit's FailedSubmissionError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_preempt_signal()
+    the_plan = plan(args.config, args.set, args.sweep)
+    if args.check and (the_plan.points or args.then_export):
+        raise ConfigError("--check runs one communication test; drop --sweep/[sweep] and --then-export")
+    if args.then_export:
+        check_export(the_plan.config.train, args.then_export)
+    if args.dry_run:
+        print(describe(the_plan, args.cluster, entrypoint, args.then_export))
+        return 0
+    jobs = submit(the_plan, args.cluster, entrypoint, args.then_export)
     if args.cluster == "slurm":
         return 0
     return wait_and_export(the_plan, args.cluster, jobs, args.then_export)

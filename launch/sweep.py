@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import re
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hidream_ft.config import Config, ConfigError, load_config
+from hidream_ft.cli import entry_point
+from hidream_ft.config import Config, ConfigError, load_config, parse_literal, toml_literal
 
 
 @dataclass(frozen=True)
@@ -47,28 +46,6 @@ class SweepPoint:
     def as_json(self) -> dict:
         return {"index": self.index, "name": self.name, "output_dir": self.output_dir,
                 "values": self.values, "overrides": self.overrides}
-
-
-def toml_literal(value: Any) -> str:
-    """``value`` as a TOML literal, so that ``--set key=<literal>`` reads back exactly ``value``."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-        return f'"{escaped}"'
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{toml_literal(str(k))} = {toml_literal(v)}" for k, v in value.items()) + "}"
-    raise ConfigError(f"cannot write {value!r} as a TOML value")
 
 
 def flatten_grid(table: dict, where: str = "sweep") -> dict[str, list]:
@@ -96,8 +73,8 @@ def parse_sweep_args(items: list[str]) -> dict[str, list]:
         if not sep or not key.strip():
             raise ConfigError(f"--sweep {item!r}: expected KEY=[v1, v2, ...], e.g. --sweep 'optim.lr=[1e-4, 3e-4]'")
         try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
+            value = parse_literal(raw)
+        except ConfigError:
             raise ConfigError(f"--sweep {item!r}: {raw!r} is not a TOML list, e.g. [1e-4, 3e-4]") from None
         grid.update(flatten_grid({key.strip(): value}, where="--sweep"))
     return grid
@@ -176,7 +153,8 @@ def plan(config_path: str | Path, overrides: list[str], sweep_items: list[str]) 
     return Plan(config_path, list(overrides), config, grid, points)
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -186,18 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--count", action="store_true", help="print the number of sweep points")
     what.add_argument("--point", type=int, metavar="INDEX", help="print that point's overrides, one per line")
     args = parser.parse_args(argv)
-    try:
-        result = plan(args.config, args.set, args.sweep)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = plan(args.config, args.set, args.sweep)
     if args.count:
         print(len(result.points))
         return 0
     if not 0 <= args.point < len(result.points):
-        print(f"error: --point {args.point}: the sweep has {len(result.points)} points (0 … "
-              f"{len(result.points) - 1})", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--point {args.point}: the sweep has {len(result.points)} points (0 … "
+                          f"{len(result.points) - 1})")
     print("\n".join(result.run_overrides()[args.point]))
     return 0
 

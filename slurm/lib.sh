@@ -1,4 +1,4 @@
-# Shared by the slurm/*.sbatch scripts (sourced, not run). Submit those scripts from the repository root.
+# Shared by the slurm/*.sbatch scripts (sourced, not run).
 #
 # run_preemptible COMMAND...   runs COMMAND (an srun step) and waits for it, surviving SLURM's warnings:
 #   USR2 (time-limit warning, sent to this batch shell by `#SBATCH --signal=B:USR2@120`): forwarded to every

@@ -4,11 +4,27 @@ import warnings
 import pytest
 import torch
 
+from helpers import DIST_VARIABLES
 from hidream_ft.model import SpecialTokens, load_hf_config, load_model, load_tokenizer
+from hidream_ft.parallel.distributed import shutdown
 from hidream_ft.testing.tiny import write_tiny_checkpoint
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_outlives_its_test():
+    """An in-process trainer (helpers.make_trainer) starts a one-rank process group and sets its variables;
+    end both after the test, so that every test starts without a group whatever the order."""
+    saved = {name: os.environ.get(name) for name in DIST_VARIABLES}
+    yield
+    shutdown()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -1,39 +1,17 @@
 """The trainer from the command line: the README's demo under torchrun, resume through the data pipeline,
 one-line errors for bad input."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from peft import PeftModel
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from helpers import run_python, tensorboard_scalars
 from hidream_ft.demo import write_demo
 from hidream_ft.model import load_model
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-
 
 def train(*args, nproc=None, check=True):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
-        if nproc else [sys.executable]
-    cmd = [*launcher, "-m", "hidream_ft.train", *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
-    if check:
-        assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def scalars(output_dir, tag):
-    values = {}
-    for events in sorted((output_dir / "tensorboard").glob("events.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
+    return run_python("-m", "hidream_ft.train", *args, nproc=nproc, timeout=600, check=check)
 
 
 @pytest.mark.distributed
@@ -42,16 +20,16 @@ def test_demo_trains_on_two_ranks_and_resumes_exactly(tmp_path):
     out = tmp_path / "demo" / "output"
     common = ["--set", "logging.log_every=1", "--set", "checkpoint.every=2"]
     train("--config", config, *common, "--set", f"logging.output_dir='{tmp_path / 'straight'}'", nproc=2)
-    straight = scalars(tmp_path / "straight", "train/loss")
+    straight = tensorboard_scalars(tmp_path / "straight", "train/loss")
     assert sorted(straight) == [1, 2, 3, 4]
     for tag in ("train/lr", "train/grad_norm", "perf/samples_per_s", "memory/peak_gib"):
-        assert scalars(tmp_path / "straight", tag), tag
+        assert tensorboard_scalars(tmp_path / "straight", tag), tag
 
     # Stop after 2 steps, then a fresh launch continues from the checkpoint with the next unseen samples.
     train("--config", config, *common, "--set", "train.max_steps=2", nproc=2)
     assert (out / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
     train("--config", config, *common, nproc=2)
-    resumed = scalars(out, "train/loss")
+    resumed = tensorboard_scalars(out, "train/loss")
     assert resumed[3] == straight[3] and resumed[4] == straight[4]
 
     base = load_model(tmp_path / "demo" / "tiny-model", dtype=torch.float32)
@@ -72,8 +50,3 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and message in last, last
         assert "Traceback" not in result.stderr
-
-
-def test_help_lists_the_options():
-    result = train("--help")
-    assert "--config" in result.stdout and "--set" in result.stdout

@@ -1,13 +1,16 @@
 """TOML configuration: validation, overrides, round trip, documentation."""
 
 import dataclasses
+import datetime
+import math
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from hidream_ft import config as config_module
-from hidream_ft.config import Config, ConfigError, load_config, to_toml
+from hidream_ft.config import Config, ConfigError, load_config, to_toml, write_toml
 
 
 def write(tmp_path, text):
@@ -60,6 +63,29 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["optim.lr=2e-5", "train.mode='full'", "model.path='/a \"quoted\" path'"])
     again = load_config(write(tmp_path, to_toml(cfg)))
     assert again == cfg
+
+
+def test_saved_config_round_trips_escapes_keys_and_tables(tmp_path):
+    prompt = 'line one\nsays "hi" in C:\\path\twith a tab\x01 and \x7f'
+    cfg = load_config(None, ["validation.every=10", "validation.prompts=['x']", "validation.noise_scale_end=2.0",
+                             "data.folders=[{ path = 'a', control_dirs = ['b', 'c'] }, 'd']",
+                             "data.stages=[{ until_step = 5, area = 4096 }, { buckets = [[64, 32]] }]",
+                             "slurm.sbatch={ mail-type = 'END', reservation = 'big' }",
+                             "sweep={ 'optim.lr' = [1e-4, 3e-4], lora = { rank = [4, 8] } }"])
+    cfg.validation.prompts = [prompt, "plain"]
+    again = load_config(write(tmp_path, to_toml(cfg)))
+    assert again == cfg and again.validation.prompts[0] == prompt
+    assert again.sweep == {"optim.lr": [1e-4, 3e-4], "lora": {"rank": [4, 8]}}
+
+
+def test_written_toml_reads_back_equal():
+    table = {"top": 1, "when": datetime.date(2024, 5, 1), "a b": {"x.y": [1.5, -math.inf], "z": None},
+             "runs": [{"name": "n\r", "nested": {"k": True}}, {"name": ""}], "empty": {}}
+    again = tomllib.loads(write_toml(table))
+    assert again == {**table, "a b": {"x.y": [1.5, -math.inf]}}
+    assert math.isnan(tomllib.loads(write_toml({"v": math.nan}))["v"])
+    with pytest.raises(TypeError, match="cannot write"):
+        write_toml({"v": object()})
 
 
 def test_shipped_configs_are_valid():

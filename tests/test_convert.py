@@ -16,15 +16,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from hidream_ft.convert import (
-    STYLES, WRITABLE_STYLES, ConvertError, LoraAdapter, LoraModule, attach_adapter, load_adapter, load_source,
-    merge_checkpoint, module_regex, read_lora_file, read_peft_dir, stack_adapters, write_lora,
-)
+from hidream_ft.convert import load_adapter, load_source, merge_checkpoint
 from hidream_ft.convert.__main__ import main
-from hidream_ft.lora.keys import ModuleIndex, architecture_index
 from hidream_ft.convert.merge import StreamingSafetensorsWriter
 from hidream_ft.convert.sources import FullWeights
-from hidream_ft.model import SpecialTokens, build_t2i_layout, load_hf_config, load_model, load_tokenizer
+from hidream_ft.lora import (
+    STYLES, WRITABLE_STYLES, ConvertError, LoraAdapter, LoraModule, attach_adapter, module_regex, parse_lora_spec,
+    read_lora_file, read_peft_dir, stack_adapters, write_lora,
+)
+from hidream_ft.lora.keys import ModuleIndex, architecture_index
+from hidream_ft.model import (
+    CheckpointError, SpecialTokens, build_t2i_layout, load_hf_config, load_model, load_tokenizer,
+)
 from hidream_ft.testing.tiny import write_tiny_checkpoint
 
 DECODER_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -120,6 +123,23 @@ def test_module_regex_matches_exactly_the_given_modules():
                   "model.t_embedder1.mlp.2", "model.t_embedder1.mlp.0.x", "xlm_head",
                   "model.language_model.layers.110.self_attn.q_proj"]:
         assert not pattern.fullmatch(other), other
+
+
+def test_module_regex_slot_matches_any_layer_and_keeps_the_order_given():
+    layer = "model.language_model.layers.#"
+    pattern = module_regex([f"{layer}.self_attn.v_proj", f"{layer}.mlp.up_proj", f"{layer}.self_attn.q_proj",
+                            "model.x_embedder.proj1"])
+    assert pattern == (r"^(model\.language_model\.layers\.\d+\.(self_attn\.(v_proj|q_proj)|mlp\.(up_proj))"
+                       r"|model\.x_embedder\.proj1)$")
+    assert re.fullmatch(pattern, "model.language_model.layers.47.self_attn.q_proj")
+    assert not re.fullmatch(pattern, "model.language_model.layers.47.self_attn.o_proj")
+
+
+def test_cli_weight_syntax_is_the_samplers():
+    assert parse_lora_spec("runs/a:0.5") == ("runs/a", 0.5)
+    assert parse_lora_spec("C:/loras/x.safetensors") == ("C:/loras/x.safetensors", 1.0)
+    with pytest.raises(ConvertError, match="empty LoRA spec"):
+        parse_lora_spec("")
 
 
 # --- export → import → identical forward --------------------------------------------------------------------
@@ -229,6 +249,18 @@ def test_peft_dir_loads_on_the_stock_hf_model(base, trained, tmp_path):
             assert got.scaling["default"] == want.scaling["default"] == 2.0
 
 
+def test_peft_dir_rewrite_replaces_the_files_and_leaves_nothing_half_written(trained, tmp_path):
+    out = tmp_path / "peft"
+    write_lora(trained["adapter"], "peft", out)
+    (out / "notes.txt").write_text("kept")
+    halved = LoraAdapter({p: LoraModule(m.down, m.up / 2, m.alpha) for p, m in trained["adapter"].modules.items()})
+    write_lora(halved, "peft", out)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["peft"]
+    assert sorted(f.name for f in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    for path, module in read_peft_dir(out).modules.items():
+        assert torch.equal(module.up, halved.modules[path].up)
+
+
 def test_peft_dir_loads_on_hidream_with_the_same_forward(base, inputs, trained, tmp_path):
     directory = write_lora(trained["adapter"], "peft", tmp_path / "peft")
     loaded = PeftModel.from_pretrained(load_model(base, dtype=torch.float32), str(directory))
@@ -243,8 +275,8 @@ def test_foreign_key_styles_are_detected_and_imported(trained, tmp_path):
     path = "model.language_model.layers.1.self_attn.v_proj"
     module = modules[path]
     renamed = {
-        "ai-toolkit": {"transformer.language_model.layers.1.self_attn.v_proj.lora_A.weight": module.down,
-                       "transformer.language_model.layers.1.self_attn.v_proj.lora_B.weight": module.up},
+        "diffusers": {"transformer.language_model.layers.1.self_attn.v_proj.lora_A.weight": module.down,
+                      "transformer.language_model.layers.1.self_attn.v_proj.lora_B.weight": module.up},
         "diffsynth": {f"{path}.lora_A.default.weight": module.down, f"{path}.lora_B.default.weight": module.up},
         "onetrainer": {"lora_transformer_language_model_layers_1_self_attn_v_proj.lora_down.weight": module.down,
                        "lora_transformer_language_model_layers_1_self_attn_v_proj.lora_up.weight": module.up,
@@ -253,7 +285,7 @@ def test_foreign_key_styles_are_detected_and_imported(trained, tmp_path):
                    "lora_unet_model_language_model_layers_1_self_attn_v_proj.lora_up.weight": module.up,
                    "lora_unet_model_language_model_layers_1_self_attn_v_proj.alpha": torch.tensor(8.0).bfloat16()},
     }
-    expected_scale = {"ai-toolkit": 1.0, "diffsynth": 1.0, "onetrainer": 0.5, "musubi": 2.0}
+    expected_scale = {"diffusers": 1.0, "diffsynth": 1.0, "onetrainer": 0.5, "musubi": 2.0}
     for style, tensors in renamed.items():
         file = tmp_path / f"{style}.safetensors"
         save_file(tensors, str(file))
@@ -261,6 +293,44 @@ def test_foreign_key_styles_are_detected_and_imported(trained, tmp_path):
         assert list(imported.modules) == [path], style
         assert torch.equal(imported.modules[path].down, module.down)
         assert imported.modules[path].scale == expected_scale[style], style
+
+
+def test_ai_toolkit_files_import_and_its_lokr_files_are_refused(trained, tmp_path):
+    """ai-toolkit writes HiDream-O1 LoRAs under diffusion_model.<path> with PEFT names and no alpha (scale 1)."""
+    path = "model.language_model.layers.0.mlp.up_proj"
+    module = trained["adapter"].modules[path]
+    save_file({"diffusion_model.language_model.layers.0.mlp.up_proj.lora_A.weight": module.down,
+               "diffusion_model.language_model.layers.0.mlp.up_proj.lora_B.weight": module.up},
+              str(tmp_path / "ai-toolkit.safetensors"))
+    imported = read_lora_file(tmp_path / "ai-toolkit.safetensors")
+    assert list(imported.modules) == [path] and imported.modules[path].scale == 1.0
+    assert torch.equal(imported.modules[path].up, module.up)
+    lokr = {"diffusion_model.language_model.layers.0.mlp.up_proj.lokr_w1": torch.zeros(4, 4),
+            "diffusion_model.language_model.layers.0.mlp.up_proj.lokr_w2": torch.zeros(32, 16),
+            "diffusion_model.language_model.layers.0.mlp.up_proj.alpha": torch.tensor(1.0)}
+    save_file(lokr, str(tmp_path / "lokr.safetensors"))
+    with pytest.raises(ConvertError, match="LoKr adapter") as error:
+        read_lora_file(tmp_path / "lokr.safetensors")
+    assert "up_proj.lokr_w1" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_musubi_conv_lora_loads_its_linears_and_warns_about_the_patch_embedding(trained, tmp_path, caplog):
+    """musubi-tuner's conv_dim adds a LoRA on the ViT's Conv3d patch embedding (three keys)."""
+    path = "model.language_model.layers.1.self_attn.v_proj"
+    module = trained["adapter"].modules[path]
+    conv = "lora_unet_model_visual_patch_embed_proj"
+    tensors = {"lora_unet_model_language_model_layers_1_self_attn_v_proj.lora_down.weight": module.down,
+               "lora_unet_model_language_model_layers_1_self_attn_v_proj.lora_up.weight": module.up,
+               "lora_unet_model_language_model_layers_1_self_attn_v_proj.alpha": torch.tensor(8.0),
+               f"{conv}.lora_down.weight": torch.zeros(4, 3, 2, 16, 16),
+               f"{conv}.lora_up.weight": torch.zeros(32, 4, 1, 1, 1),
+               f"{conv}.alpha": torch.tensor(4.0)}
+    save_file(tensors, str(tmp_path / "musubi-conv.safetensors"))
+    with caplog.at_level("WARNING", logger="hidream_ft.lora"):
+        imported = read_lora_file(tmp_path / "musubi-conv.safetensors")
+    assert list(imported.modules) == [path] and imported.modules[path].scale == 2.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "model.visual.patch_embed.proj" in warnings[0] and "\n" not in warnings[0]
 
 
 def test_unknown_style_lists_the_expected_keys(tmp_path):
@@ -361,18 +431,46 @@ def test_merged_forward_equals_the_unmerged_lora(base, inputs, trained, tmp_path
                                rtol=1e-4, atol=1e-5)
 
 
-def test_comfyui_checkpoint_is_bf16_under_the_diffusion_model_prefix(base, trained, tmp_path):
+def test_comfyui_checkpoint_is_bf16_under_the_comfy_org_keys(base, trained, tmp_path):
     out = merge_checkpoint(base, tmp_path / "comfy.safetensors", layout="comfyui",
                            loras=[(trained["adapter"], 1.0)], dtype=torch.bfloat16)
     tensors = load_file(str(out))
     original = load_model(base, dtype=torch.float32).state_dict()
-    assert set(tensors) == {"model.diffusion_model." + k.removeprefix("model.") for k in original
-                            if k != "lm_head.weight"}
+    # Comfy-Org's key set: the official names without lm_head and the DeepStack mergers, which is exactly what
+    # musubi-tuner's strict load expects after it removes those two modules from the official model.
+    musubi_expects = {k for k in original if not k.startswith(("lm_head.", "model.visual.deepstack_merger_list."))}
+    assert any(k.startswith("model.visual.deepstack_merger_list.") for k in original)
+    assert set(tensors) == musubi_expects
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     path = "model.language_model.layers.2.self_attn.o_proj"
     module = trained["adapter"].modules[path]
     expected = (original[f"{path}.weight"] + module.scale * module.up @ module.down).to(torch.bfloat16)
-    assert torch.equal(tensors["model.diffusion_model.language_model.layers.2.self_attn.o_proj.weight"], expected)
+    assert torch.equal(tensors[f"{path}.weight"], expected)
+
+
+def test_a_comfyui_single_file_loads_for_training_and_sampling(base, inputs, trained, tmp_path):
+    comfy = merge_checkpoint(base, tmp_path / "comfy.safetensors", layout="comfyui")  # fp32: exact weights
+    official = load_model(base, dtype=torch.float32)
+    single = load_model(base, weights=comfy, dtype=torch.float32)
+    assert torch.equal(single.lm_head.weight, torch.zeros_like(official.lm_head.weight))
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in single.model.visual.deepstack_merger_list.parameters())
+    torch.testing.assert_close(forward(single, inputs), forward(official, inputs), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="DeepStack mergers") as error:
+        forward(single, {**inputs, "pixel_values": torch.zeros(16, 1536), "image_grid_thw": torch.tensor([[1, 4, 4]])})
+    assert "\n" not in str(error.value)
+    # A LoRA merged into the single file gives a single file again (the base may be the file itself).
+    merged = merge_checkpoint(comfy, tmp_path / "styled.safetensors", layout="comfyui",
+                              loras=[(trained["adapter"], 1.0)])
+    torch.testing.assert_close(forward(load_model(base, weights=merged, dtype=torch.float32), inputs),
+                               trained["output"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConvertError, match="official HiDream-O1-Image folder"):
+        merge_checkpoint(comfy, tmp_path / "hf", loras=[(trained["adapter"], 1.0)])
+    # Only what ComfyUI leaves out may be missing, and only from a single file.
+    tensors = load_file(str(comfy))
+    del tensors["model.language_model.norm.weight"]
+    save_file(tensors, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(CheckpointError, match="1 missing keys: model.language_model.norm.weight"):
+        load_model(base, weights=tmp_path / "broken.safetensors")
 
 
 def test_full_finetune_exports_both_layouts(base, inputs, tmp_path):
@@ -394,8 +492,7 @@ def test_full_finetune_exports_both_layouts(base, inputs, tmp_path):
     comfy = load_file(str(merge_checkpoint(base, tmp_path / "c.safetensors", layout="comfyui", full=source.tensors,
                                            dtype=torch.bfloat16)))
     key = "model.language_model.layers.1.mlp.down_proj.weight"
-    assert torch.equal(comfy["model.diffusion_model.language_model.layers.1.mlp.down_proj.weight"],
-                       state[key].to(torch.bfloat16))
+    assert torch.equal(comfy[key], state[key].to(torch.bfloat16))
 
 
 def test_lora_for_another_base_model_is_refused_with_module_and_shapes(base, trained, tmp_path):
@@ -530,11 +627,11 @@ def test_cli_merge_and_stack(run_dir, base, inputs, trained, tmp_path):
 def test_cli_reports_bad_input_in_one_line(run_dir, tmp_path, capsys):
     weird = tmp_path / "weird.safetensors"
     save_file({"foo.bar": torch.zeros(1)}, str(weird))
-    assert main(["export", str(weird), "--to", "comfyui", "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert main(["export", str(weird), "--to", "comfyui", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert main(["export", str(run_dir), "--to", "kohya", "--out", str(tmp_path / "x.safetensors"),
-                 "--base", str(write_tiny_checkpoint(tmp_path / "small", text_layers=2))]) == 1
-    assert main(["export", str(tmp_path / "missing"), "--to", "peft", "--out", str(tmp_path / "p")]) == 1
-    assert main(["merge", str(run_dir), "--out", str(tmp_path / "m.bin"), "--layout", "comfyui"]) == 1
+                 "--base", str(write_tiny_checkpoint(tmp_path / "small", text_layers=2))]) == 2
+    assert main(["export", str(tmp_path / "missing"), "--to", "peft", "--out", str(tmp_path / "p")]) == 2
+    assert main(["merge", str(run_dir), "--out", str(tmp_path / "m.bin"), "--layout", "comfyui"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 4 and all(line.startswith("error: ") for line in errors)
     assert "foo.bar" in errors[0]

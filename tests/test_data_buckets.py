@@ -10,12 +10,16 @@ from hidream_ft.data.buckets import (
     assign_buckets,
     buckets_for_area,
     crop_box,
-    nearest_bucket,
     resolve_stages,
     stage_at,
 )
 
 SMALL = [(64, 64), (96, 64), (64, 96), (128, 64)]
+
+
+def nearest_bucket(width, height, buckets):
+    index, _ = assign_buckets([width], [height], buckets)
+    return buckets[int(index[0])]
 
 
 def test_generated_buckets_are_patch_multiples_close_to_the_area():

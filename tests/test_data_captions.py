@@ -4,7 +4,8 @@ import random
 from collections import Counter
 
 from hidream_ft.config import DataConfig
-from hidream_ft.data.captions import EMPTY_PROMPT, build_caption, decode_caption, shuffle_tags
+from hidream_ft.data.captions import build_caption, decode_caption, shuffle_tags
+from hidream_ft.model.layout import EMPTY_PROMPT
 
 
 def test_trigger_is_prefixed_once():

@@ -6,8 +6,9 @@ from collections import Counter
 import pytest
 import torch
 
+from helpers import drain_pipeline
 from hidream_ft.config import DataConfig, DataStage, FolderSource
-from hidream_ft.data import Sample, build_pipeline, list_of_samples
+from hidream_ft.data import Sample, build_pipeline
 from hidream_ft.data.demo import write_demo_dataset
 
 ASPECTS = {"square": (64, 64), "wide": (96, 64), "tall": (64, 96)}
@@ -29,24 +30,6 @@ def stack_pixels(samples: list[Sample]) -> dict:
             "captions": [s.caption for s in samples]}
 
 
-def run(cfg, steps, start_step=0, grad_accum=1, state=None, rank=0, world_size=1, batch_size=2,
-        collate=list_of_samples):
-    """``steps`` optimizer steps from ``start_step``: list of (step, micro-batches), and the state after each."""
-    pipeline = build_pipeline(cfg, rank=rank, world_size=world_size, seed=7, default_batch_size=batch_size,
-                              collate=collate)
-    if state is not None:
-        pipeline.load_state_dict(state)
-    out, states = [], []
-    iterator = pipeline.iterate(start_step=start_step, grad_accum=grad_accum)
-    for step, micro_batches in iterator:
-        out.append((step, micro_batches))
-        states.append(pipeline.state_dict())
-        if len(out) == steps:
-            break
-    iterator.close()
-    return out, states
-
-
 def keys(micro_batch):
     return [s.key for s in micro_batch]
 
@@ -54,7 +37,7 @@ def keys(micro_batch):
 def test_two_ranks_two_workers_see_every_sample_exactly_once_per_epoch(mixed):
     folders = [FolderSource(str(mixed / "square"), num_repeats=2), str(mixed / "wide"), str(mixed / "tall")]
     cfg = DataConfig(folders=folders, buckets=BUCKETS, num_workers=2)
-    per_rank = [run(cfg, steps=12, grad_accum=2, rank=rank, world_size=2)[0] for rank in (0, 1)]
+    per_rank = [drain_pipeline(cfg, steps=12, grad_accum=2, rank=rank, world_size=2)[0] for rank in (0, 1)]
     assert [step for step, _ in per_rank[0]] == [step for step, _ in per_rank[1]] == list(range(12))
     global_order = []
     for step in range(12):
@@ -76,7 +59,7 @@ def test_two_ranks_two_workers_see_every_sample_exactly_once_per_epoch(mixed):
 
 def test_samples_are_in_their_bucket_with_the_configured_batch_size(mixed):
     cfg = DataConfig(folders=[str(mixed)], buckets=BUCKETS, num_workers=0)
-    (out, _) = run(cfg, steps=8, batch_size=3, collate=stack_pixels)
+    out, _, _ = drain_pipeline(cfg, steps=8, batch_size=3, collate=stack_pixels)
     for _, (batch,) in out:
         pixels = batch["pixels"]
         assert pixels.dtype == torch.float32 and pixels.shape[0] <= 3
@@ -107,8 +90,8 @@ def randomised(mixed, workers):
 
 def test_resume_mid_epoch_continues_with_the_next_unseen_sample(mixed):
     cfg = randomised(mixed, workers=2)
-    full, states = run(cfg, steps=8, grad_accum=2)
-    resumed, _ = run(cfg, steps=5, start_step=3, grad_accum=2, state=states[2])
+    full, states, _ = drain_pipeline(cfg, steps=8, grad_accum=2)
+    resumed, _, _ = drain_pipeline(cfg, steps=5, start_step=3, grad_accum=2, state=states[2])
     outputs_equal(full[3:], resumed)
     assert states[2]["next_step"] == 3 and states[2]["epoch"] == 0 and 0 < states[2]["cursor"] < 15
     seen_before = [k for _, mbs in full[:3] for m in mbs for k in keys(m)]
@@ -118,26 +101,26 @@ def test_resume_mid_epoch_continues_with_the_next_unseen_sample(mixed):
 
 
 def test_worker_count_does_not_change_the_data(mixed):
-    outputs_equal(run(randomised(mixed, 0), steps=6, grad_accum=3)[0],
-                  run(randomised(mixed, 2), steps=6, grad_accum=3)[0])
+    outputs_equal(drain_pipeline(randomised(mixed, 0), steps=6, grad_accum=3)[0],
+                  drain_pipeline(randomised(mixed, 2), steps=6, grad_accum=3)[0])
 
 
 def test_resume_without_saved_state_replays_the_plan(mixed):
     cfg = randomised(mixed, workers=0)
-    full, _ = run(cfg, steps=9)
-    replayed, _ = run(cfg, steps=3, start_step=6)
+    full, _, _ = drain_pipeline(cfg, steps=9)
+    replayed, _, _ = drain_pipeline(cfg, steps=3, start_step=6)
     outputs_equal(full[6:], replayed)
 
 
 def test_state_is_small_identical_on_all_ranks_and_refuses_going_back(mixed):
     cfg = DataConfig(folders=[str(mixed)], buckets=BUCKETS, num_workers=0)
-    _, states0 = run(cfg, steps=4, rank=0, world_size=2)
-    _, states1 = run(cfg, steps=4, rank=1, world_size=2)
+    _, states0, _ = drain_pipeline(cfg, steps=4, rank=0, world_size=2)
+    _, states1, _ = drain_pipeline(cfg, steps=4, rank=1, world_size=2)
     strip = lambda state: {k: v for k, v in state.items() if k != "stats"}  # noqa: E731
     assert strip(states0[-1]) == strip(states1[-1])
     assert len(repr(states0[-1])) < 2000
     with pytest.raises(ValueError, match="start_step 2 is before the data position"):
-        run(cfg, steps=1, start_step=2, state=states0[-1], rank=0, world_size=2)
+        drain_pipeline(cfg, steps=1, start_step=2, state=states0[-1], rank=0, world_size=2)
 
 
 def test_stages_switch_at_their_step_including_after_a_resume(mixed):
@@ -151,7 +134,7 @@ def test_stages_switch_at_their_step_including_after_a_resume(mixed):
             DataStage(buckets=[[64, 64]], batch_size=2),
         ],
     )
-    full, states = run(cfg, steps=10)
+    full, states, _ = drain_pipeline(cfg, steps=10)
     shapes = [{tuple(s.pixels.shape[1:]) for s in mb} for _, (mb,) in full]
     sizes = [len(mb) for _, (mb,) in full]
     assert shapes[:3] == [{(32, 32)}] * 3 and sizes[:3] == [1, 1, 1]
@@ -159,7 +142,7 @@ def test_stages_switch_at_their_step_including_after_a_resume(mixed):
     assert all(1 <= n <= 3 for n in sizes[3:7]) and 3 in sizes[3:7]
     assert shapes[7:] == [{(64, 64)}] * 3 and all(n <= 2 for n in sizes[7:])
     for saved in (1, 4, 6):  # resume inside stage 0, inside stage 1, and on the step before a switch
-        resumed, _ = run(cfg, steps=9 - saved, start_step=saved + 1, state=states[saved])
+        resumed, _, _ = drain_pipeline(cfg, steps=9 - saved, start_step=saved + 1, state=states[saved])
         outputs_equal(full[saved + 1 :], resumed)
 
 
@@ -170,7 +153,7 @@ def sigterm_handler(samples: list[Sample]):
 
 def test_workers_ignore_preemption_signals(mixed):
     cfg = DataConfig(folders=[str(mixed)], buckets=BUCKETS, num_workers=2)
-    (out, _) = run(cfg, steps=2, collate=sigterm_handler)
+    out, _, _ = drain_pipeline(cfg, steps=2, collate=sigterm_handler)
     assert [handler for _, (handler,) in out] == [signal.SIG_IGN, signal.SIG_IGN]
 
 

@@ -1,5 +1,6 @@
 """Shards: packing round trip, same samples as folders, streaming determinism, exact resume, bad shards."""
 
+import functools
 import io
 import json
 import tarfile
@@ -9,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import drain_pipeline
 from hidream_ft.config import DataConfig, DataStage
-from hidream_ft.data import build_pipeline, list_of_samples
+from hidream_ft.data import build_pipeline
 from hidream_ft.data.demo import write_demo_dataset
 from hidream_ft.data.pack import main as pack_main
 from hidream_ft.data.pack import pack
@@ -43,20 +45,7 @@ def shard_cfg(shards, **overrides):
     return DataConfig(**settings)
 
 
-def collect(cfg, steps, start_step=0, grad_accum=1, state=None, rank=0, batch_size=2, seed=3):
-    pipeline = build_pipeline(cfg, rank=rank, world_size=2, seed=seed, default_batch_size=batch_size,
-                              collate=list_of_samples)
-    if state is not None:
-        pipeline.load_state_dict(state)
-    out, states = [], []
-    iterator = pipeline.iterate(start_step=start_step, grad_accum=grad_accum)
-    for step, micro_batches in iterator:
-        out.append((step, micro_batches))
-        states.append(pipeline.state_dict())
-        if len(out) == steps:
-            break
-    iterator.close()
-    return out, states, pipeline.stats()
+collect = functools.partial(drain_pipeline, world_size=2, seed=3)
 
 
 def flat(out):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hidream_ft.flow.objective import add_noise, diffusion_loss, model_timestep, sample_sigmas, shift_sigmas
-from hidream_ft.model.patches import patchify, unpatchify
+from hidream_ft.model.patches import patchify, pixels_from_uint8, uint8_from_pixels, unpatchify
 from hidream_ft.model.heads import timestep_embedding
 
 
@@ -23,6 +23,22 @@ def test_patchify_is_row_major_and_channel_major():
 def test_patchify_rejects_sizes_off_the_grid():
     with pytest.raises(ValueError, match="70x64 is not a multiple"):
         patchify(torch.zeros(1, 3, 64, 70))
+
+
+def test_pixels_from_uint8_is_the_official_normalisation_bit_for_bit():
+    codes = torch.arange(256, dtype=torch.uint8)
+    expected = (codes.to(torch.float32) / 255 - 0.5) / 0.5
+    pixels = pixels_from_uint8(codes)
+    assert pixels.dtype == torch.float32
+    assert torch.equal(pixels, expected)
+    assert pixels[0] == -1.0 and pixels[255] == 1.0
+
+
+def test_uint8_from_pixels_round_trips_every_code_and_clips():
+    codes = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(uint8_from_pixels(pixels_from_uint8(codes)), codes)
+    assert uint8_from_pixels(torch.tensor([-3.0, 2.5])).tolist() == [0, 255]
+    assert uint8_from_pixels(pixels_from_uint8(codes).bfloat16()).dtype == torch.uint8
 
 
 def test_uniform_sigmas_fill_the_range():

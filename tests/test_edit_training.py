@@ -1,43 +1,14 @@
 """Training on edit / IP batches in one process: the collator, the target-only loss, LoRA on the ViT."""
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 
+from helpers import edit_samples, make_trainer, quantized_pixels, t2i_samples, tiny_overrides
 from hidream_ft.config import load_config
 from hidream_ft.data.collate import TextToImageCollator, TrainCollator
 from hidream_ft.flow.objective import diffusion_loss, draw_sigmas_and_noise
-from hidream_ft.model.references import ConditionProcessor
-from hidream_ft.parallel.distributed import init_distributed
-from hidream_ft.train import Trainer, compute_loss
-
-
-@dataclass
-class FakeSample:
-    pixels: torch.Tensor
-    caption: str
-    key: str
-    weight: float = 1.0
-    task: str = "t2i"
-    references: list[torch.Tensor] = field(default_factory=list)
-    noise_seed: int = 0
-
-
-def pixels(height, width, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (3, height, width), generator=g).float() / 127.5 - 1.0
-
-
-def t2i_samples():
-    return [FakeSample(pixels(64, 64, 0), "a red circle", "t0", noise_seed=0),
-            FakeSample(pixels(64, 64, 1), "a green square on a blue background", "t1", noise_seed=1)]
-
-
-def edit_samples(num_references=1):
-    return [FakeSample(pixels(64, 64, 10 + i), caption, f"e{i}", task="edit",
-                       references=[pixels(64, 96, 20 + i + 7 * r) for r in range(num_references)], noise_seed=10 + i)
-            for i, caption in enumerate(["add a hat", "make it brighter"])]
+from hidream_ft.model.conditioning import ConditionProcessor
+from hidream_ft.trainer import compute_loss
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +44,10 @@ def test_batches_must_not_mix_tasks_or_reference_shapes(collator):
     with pytest.raises(ValueError, match="mixes samples with and without references"):
         collator([*edit_samples()[:1], *t2i_samples()[:1]])
     one, two = edit_samples()
-    two.references = [pixels(64, 64, 3)]
+    two.references = [quantized_pixels(64, 64, 3)]
     with pytest.raises(ValueError, match="must share target and reference sizes"):
         collator([one, two])
-    one.references = [pixels(32, 32, 4)] * 11
+    one.references = [quantized_pixels(32, 32, 4)] * 11
     with pytest.raises(ValueError, match="sample e0: 11 reference images given; edit/IP layouts take 1 to 10"):
         collator([one])
 
@@ -91,7 +62,7 @@ def test_loss_is_computed_on_the_target_tokens_only(collator, tiny_model):
         predicted_rows.append(out.shape[1])
         return out
 
-    loss = compute_loss(model, batch, cfg)
+    loss = compute_loss(model, batch, cfg.diffusion)
     assert predicted_rows == [batch.layout.num_target_tokens] == [4]
     # The same draw by hand: predict every image token (target + 12 reference tokens), keep the target rows.
     d = cfg.diffusion
@@ -104,30 +75,22 @@ def test_loss_is_computed_on_the_target_tokens_only(collator, tiny_model):
     torch.testing.assert_close(loss, diffusion_loss(full[:, :4], batch.x0, sigmas))
     # References condition the prediction but are never supervised: other reference content, same rows.
     batch.conditions.references = batch.conditions.references.flip(-1)
-    assert compute_loss(model, batch, cfg) != loss and predicted_rows[-1] == 4
-
-
-def make_trainer(tiny_checkpoint, tmp_path, *overrides):
-    cfg = load_config(None, [
-        f"model.path='{tiny_checkpoint}'", "model.dtype='float32'", "parallel.param_dtype='float32'",
-        f"logging.output_dir='{tmp_path}'", "optim.lr=1e-2", "train.max_steps=100", *overrides,
-    ])
-    return Trainer(cfg, init_distributed())
+    assert compute_loss(model, batch, cfg.diffusion) != loss and predicted_rows[-1] == 4
 
 
 def test_lora_on_the_vit_learns_from_edit_batches_and_gets_zero_grads_on_t2i(tiny_checkpoint, tmp_path, collator):
-    trainer = make_trainer(tiny_checkpoint, tmp_path, "lora.include_visual=true",
+    trainer = make_trainer(tiny_checkpoint, tmp_path, "optim.lr=1e-2", "lora.include_visual=true",
                            "lora.train_heads=['x_embedder', 'final_layer2']")
     visual = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad and ".visual." in n}
     assert visual and all(".lora_" in n for n in visual)
     edit, t2i = collator(edit_samples()), collator(t2i_samples())
 
-    compute_loss(trainer.model, t2i, trainer.cfg).backward()
+    compute_loss(trainer.model, t2i, trainer.cfg.diffusion).backward()
     for name, param in visual.items():
         assert param.grad is not None and param.grad.abs().sum() == 0, name  # present, and exactly zero
     trainer.optimizer.zero_grad(set_to_none=True)
 
-    compute_loss(trainer.model, edit, trainer.cfg).backward()
+    compute_loss(trainer.model, edit, trainer.cfg.diffusion).backward()
     assert any(p.grad.abs().sum() > 0 for n, p in visual.items() if "lora_B" in n)
     trainer.optimizer.zero_grad(set_to_none=True)
 
@@ -141,7 +104,7 @@ def test_training_run_on_mixed_text_to_image_and_edit_folders(tiny_checkpoint, t
 
     from hidream_ft.data.demo import write_demo_dataset
     from hidream_ft.parallel.distributed import shutdown
-    from hidream_ft.train import run
+    from hidream_ft.trainer import run
 
     write_demo_dataset(tmp_path / "t2i", n=2, size=(64, 64))
     write_demo_dataset(tmp_path / "edit", n=2, size=(64, 64))
@@ -149,8 +112,7 @@ def test_training_run_on_mixed_text_to_image_and_edit_folders(tiny_checkpoint, t
         (tmp_path / "source").mkdir(exist_ok=True)
         Image.new("RGB", (128, 64), (30, 90 * index, 200)).save(tmp_path / "source" / f"demo_{index:03d}.png")
     cfg = load_config(None, [
-        f"model.path='{tiny_checkpoint}'", "model.dtype='float32'", "parallel.param_dtype='float32'",
-        f"logging.output_dir='{tmp_path / 'run'}'", "logging.tensorboard=false", "train.max_steps=4",
+        *tiny_overrides(tiny_checkpoint, tmp_path / "run"), "logging.tensorboard=false", "train.max_steps=4",
         "lora.include_visual=true", "data.num_workers=0", "data.buckets=[[64, 64]]",
         f"data.folders=['{tmp_path / 't2i'}', {{path='{tmp_path / 'edit'}', control_dir='{tmp_path / 'source'}'}}]",
     ])

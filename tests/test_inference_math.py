@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,7 +45,8 @@ def test_flow_match_schedule_by_hand():
 def test_timestep_list_overrides_steps_and_shift():
     schedule = build_schedule("flash", steps=50, shift=3.0, timesteps=DEFAULT_TIMESTEPS)
     assert len(schedule) == 28 and schedule.timesteps == tuple(float(t) for t in DEFAULT_TIMESTEPS)
-    assert schedule.sigmas[0] == 0.999 and schedule.sigmas[-2] == 0.008 and schedule.sigmas[-1] == 0.0
+    assert schedule.sigmas[0] == float(np.float32(0.999)) and schedule.sigmas[-2] == float(np.float32(0.008))
+    assert schedule.sigmas[-1] == 0.0
 
 
 @pytest.mark.parametrize("timesteps, message", [
@@ -70,6 +72,15 @@ def test_euler_and_flash_steps_by_hand():
     x0, noise = torch.tensor([0.5]), torch.tensor([1.0])
     assert flash_step(x0, noise, 0.25, 8.0).item() == pytest.approx(0.25 * 8.0 + 0.75 * 0.5)
     assert flash_step(x0, noise, 0.0, 8.0).item() == pytest.approx(0.5)  # the last step returns x0
+
+
+def test_flash_step_is_the_official_float32_arithmetic():
+    """Bit for bit the official scheduler's σ'·ε'·s + (1 - σ')·x0 with σ' a float32 tensor."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 4, 3072, generator=g), torch.randn(1, 4, 3072, generator=g)
+    sigma, scale = 0.8444218515250481, 7.3056808205821175
+    official = torch.tensor(sigma)  # float32, as the official scheduler stores its σ list
+    assert torch.equal(flash_step(x0, noise, sigma, scale), official * noise * scale + (1.0 - official) * x0)
 
 
 def test_noise_clipping_and_scales():

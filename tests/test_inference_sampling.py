@@ -41,7 +41,7 @@ def test_bf16_autocast_path_is_deterministic_and_close(tiny_model, tokenizer, to
 
 
 def test_initial_noise_is_seed_plus_one():
-    z, _ = initial_noise(4, 64, 32, 8.0)
+    z = initial_noise(4, 64, 32, 8.0)
     expected = 8.0 * torch.randn(1, 3, 64, 32, generator=torch.Generator().manual_seed(5))
     assert torch.equal(z, patchify(expected))
 
@@ -50,7 +50,7 @@ def test_cfg_batch_equals_separate_forwards(tiny_model, tokenizer, tokens):
     prompts = ["a yellow triangle over a gradient with a longer prompt", EMPTY_PROMPT]
     batched = prompt_inputs(tokenizer, tokens, prompts, 64, 64)
     assert batched.attention_mask is not None  # the prompts differ in length: the batch is left-padded
-    z, _ = initial_noise(0, 64, 64, 8.0)
+    z = initial_noise(0, 64, 64, 8.0)
     with torch.no_grad():
         together = predict_x0(tiny_model, batched, z, 700.0)
         apart = [predict_x0(tiny_model, prompt_inputs(tokenizer, tokens, [p], 64, 64), z, 700.0) for p in prompts]
@@ -63,7 +63,7 @@ def test_one_euler_step_from_pure_noise_returns_the_model_x0(tiny_model, tokeniz
     """σ: 1 → 0 in one Euler step gives z = x̂0(noise, t = 0): checks seeding, timestep and output conventions."""
     settings = tiny_settings(scheduler="flow_match", steps=1, cfg=1.0, seed=3)
     image = generate(tiny_model, tokenizer, tokens, "a green square", settings)
-    z, _ = initial_noise(3, 96, 64, 8.0)
+    z = initial_noise(3, 96, 64, 8.0)
     with torch.no_grad():
         x_pred = predict_x0(tiny_model, prompt_inputs(tokenizer, tokens, ["a green square"], 96, 64), z, 1000.0)
     assert torch.equal(image, to_uint8(x_pred, 96, 64))
@@ -110,7 +110,7 @@ def test_lora_hooks_match_peft_and_are_removed(tiny_model, tokenizer, tokens, pe
     adapter_dir, peft_model = peft_adapter_dir
     adapter = load_adapter(adapter_dir)
     inputs = prompt_inputs(tokenizer, tokens, ["a red circle", EMPTY_PROMPT], 64, 64)
-    z, _ = initial_noise(0, 64, 64, 8.0)
+    z = initial_noise(0, 64, 64, 8.0)
     with torch.no_grad():
         base = predict_x0(tiny_model, inputs, z, 500.0)
         reference = predict_x0(peft_model, inputs, z, 500.0)

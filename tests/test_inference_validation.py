@@ -31,9 +31,8 @@ def test_render_validation_keeps_modes_and_rng(tiny_model, tokenizer, tokens):
     assert not tiny_model.model.visual.training
     assert torch.equal(torch.get_rng_state(), rng_before)
     # The same as sampling the prompt directly with the same settings.
-    settings = SamplingSettings.from_fields(small_validation())
     tiny_model.eval()
-    assert torch.equal(images[1][1], generate(tiny_model, tokenizer, tokens, PROMPTS[1], settings))
+    assert torch.equal(images[1][1], generate(tiny_model, tokenizer, tokens, PROMPTS[1], small_validation()))
 
 
 def test_validation_images_round_trip_through_tensorboard(tiny_model, tokenizer, tokens, tmp_path):
@@ -66,8 +65,8 @@ def test_validation_section_in_the_training_config(tmp_path):
                     "timesteps = [999, 500, 8]\nnoise_scale = 7.5\nnoise_clip_std = 2.5\n")
     cfg = load_config(path).validation
     assert cfg.every == 250 and cfg.prompts == ["a fox"] and cfg.timesteps == [999, 500, 8]
-    settings = SamplingSettings.from_fields(cfg)
-    assert settings.scheduler == "flash" and settings.noise_clip_std == 2.5 and len(settings.schedule()) == 3
+    assert isinstance(cfg, SamplingSettings)
+    assert cfg.scheduler == "flash" and cfg.noise_clip_std == 2.5 and len(cfg.schedule()) == 3
     assert load_config(None).validation.every == 0  # off by default
 
 

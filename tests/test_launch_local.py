@@ -10,32 +10,28 @@ from pathlib import Path
 import pytest
 from submitit.core.utils import JobPaths
 
-import hidream_ft.train as train_module
+import hidream_ft.trainer as train_module
+from helpers import descendants, tensorboard_scalars, wait_for, write_config
 from hidream_ft.config import load_config
 from hidream_ft.data.demo import write_demo_dataset
 from launch import submit
 from launch.jobs import TRAIN_ENTRYPOINT
 from launch.sweep import plan
-from test_launch_preemption import descendants, wait_for
 
 pytestmark = pytest.mark.distributed
-
-
-def write_config(tmp_path, text: str) -> Path:
-    config = tmp_path / "train.toml"
-    config.write_text(f'[logging]\noutput_dir = "{tmp_path / "runs"}"\n'
-                      f'[slurm]\ngpus_per_node = 0\ntasks_per_node = 2\ntime_min = 10\n{text}')
-    return config
+TWO_CPU_TASKS = "[slurm]\ngpus_per_node = 0\ntasks_per_node = 2\ntime_min = 10\n"
 
 
 def test_two_task_local_job_forms_a_gloo_process_group(tmp_path, capsys):
-    assert submit.main(["--config", str(write_config(tmp_path, "")), "--cluster", "local", "--check"]) == 0
+    config = write_config(tmp_path, TWO_CPU_TASKS)
+    assert submit.main(["--config", str(config), "--cluster", "local", "--check"]) == 0
     out = capsys.readouterr().out
     assert out.count("'world_size': 2, 'backend': 'gloo'") == 2 and out.count("'sum': 3.0") == 2
 
 
 def test_debug_cluster_runs_the_task_in_this_process(tmp_path, capsys):
-    assert submit.main(["--config", str(write_config(tmp_path, "")), "--cluster", "debug", "--check"]) == 0
+    config = write_config(tmp_path, TWO_CPU_TASKS)
+    assert submit.main(["--config", str(config), "--cluster", "debug", "--check"]) == 0
     assert "'rank': 0, 'world_size': 1" in capsys.readouterr().out
 
 
@@ -63,14 +59,6 @@ def train_config(tmp_path_factory, tiny_checkpoint):
     return write
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    return {event.step: event.value for event in events.Scalars("train/loss")}
-
-
 def complete_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*/COMPLETE"))
 
@@ -89,7 +77,7 @@ def test_local_job_trains_the_tiny_model_on_two_ranks_then_exports(uninterrupted
     assert json.loads((run_dir / "checkpoints" / f"step-{TRAIN_STEPS:08d}" / "meta.json").read_text())[
         "world_size"] == 2
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    assert sorted(losses(run_dir)) == list(range(1, TRAIN_STEPS + 1))
+    assert sorted(tensorboard_scalars(run_dir, "train/loss")) == list(range(1, TRAIN_STEPS + 1))
 
 
 def test_sweep_points_run_as_an_array_each_in_its_own_run_dir(train_config, capsys):
@@ -125,6 +113,7 @@ def test_preempted_run_checkpoints_requeues_and_continues_with_the_same_losses(t
     assert len(resumed) == 1, "the job was not requeued exactly once"
     stopped_at = int(resumed[0])
     assert 0 < stopped_at < TRAIN_STEPS and complete_steps(run_dir) == [stopped_at, TRAIN_STEPS]
-    reference, continued = losses(Path(uninterrupted_run)), losses(run_dir)
+    reference = tensorboard_scalars(Path(uninterrupted_run), "train/loss")
+    continued = tensorboard_scalars(run_dir, "train/loss")
     assert continued[stopped_at + 1] == reference[stopped_at + 1]
     assert continued == reference

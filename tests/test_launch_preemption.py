@@ -4,22 +4,17 @@ requeue across the two ranks of a submitit job (with a stand-in for the training
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import submitit
 
-from hidream_ft.parallel.distributed import init_distributed, shutdown
+from helpers import pythonpath_with_tests, run_python, wait_for
 from hidream_ft.runtime.preemption import (
     PREEMPTED_EXIT_CODE, PreemptionHandler, ignore_preemption_signals,
 )
 from launch.jobs import DistributedJob
-
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture()
@@ -91,10 +86,9 @@ def test_data_loader_workers_survive_the_signals():
         "os.kill(os.getpid(), signal.SIGUSR2); os.kill(os.getpid(), signal.SIGTERM)\n"
         "print('alive')\n"
     )
-    survived = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    survived = run_python("-c", code, timeout=60, check=False)
     assert survived.returncode == 0 and survived.stdout.strip() == "alive", survived.stderr
-    killed = subprocess.run([sys.executable, "-c", code.replace("ignore_preemption_signals(worker_id=0)", "")],
-                            capture_output=True, text=True, timeout=60)
+    killed = run_python("-c", code.replace("ignore_preemption_signals(worker_id=0)", ""), timeout=60, check=False)
     assert killed.returncode == -signal.SIGUSR2
 
 
@@ -109,21 +103,12 @@ def test_ignore_preemption_signals_is_a_worker_init_fn():
         signal.signal(signal.SIGTERM, previous[1])
 
 
-# Across processes. This module stays light: job processes import it for counting_job.
+# Across processes.
 
 @pytest.fixture()
 def tests_importable(monkeypatch):
-    """Job processes import their entry point by name: let them find this module."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
-
-
-def wait_for(condition, what: str, timeout: float = 120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    """Job processes import their entry point by name: let them find tests/workers."""
+    monkeypatch.setenv("PYTHONPATH", pythonpath_with_tests())
 
 
 def task_pids(job: submitit.Job) -> dict[int, int]:
@@ -138,41 +123,11 @@ def task_pids(job: submitit.Job) -> dict[int, int]:
     return pids
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``: the job's tasks and their data-loader workers, as SLURM would signal them."""
-    found = []
-    for thread in Path(f"/proc/{pid}/task").iterdir():
-        for child in map(int, (thread / "children").read_text().split()):
-            found += [child, *descendants(child)]
-    return found
-
-
-def counting_job(out_dir: str, steps: int) -> dict:
-    """The shape of the trainer's loop around a PreemptionHandler, with a step counter as the checkpoint."""
-    env = init_distributed()
-    out = Path(out_dir)
-    state = out / "state.json"
-    start = json.loads(state.read_text())["step"] if state.exists() else 0
-    try:
-        preemption = PreemptionHandler().install()
-        for step in range(start, steps):
-            time.sleep(0.01)
-            (out / f"rank{env.rank}-step{step}").touch()
-            if preemption.should_stop():
-                if env.rank == 0:
-                    state.write_text(json.dumps({"step": step + 1}))
-                preemption.requeue_exit()
-        preemption.uninstall()
-        return {"rank": env.rank, "started_at": start}
-    finally:
-        shutdown()
-
-
 @pytest.mark.distributed
 def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step_and_requeues(tmp_path, tests_importable):
     executor = submitit.LocalExecutor(tmp_path / "submitit")
     executor.update_parameters(tasks_per_node=2, gpus_per_node=0, timeout_min=10)
-    job = executor.submit(DistributedJob("test_launch_preemption:counting_job", str(tmp_path), 40))
+    job = executor.submit(DistributedJob("workers.counting_job:counting_job", str(tmp_path), 40))
     wait_for(lambda: (tmp_path / "rank0-step2").exists() and (tmp_path / "rank1-step2").exists(), "two steps")
     os.kill(task_pids(job)[1], signal.SIGUSR2)  # only rank 1 hears it
     results = job.results()

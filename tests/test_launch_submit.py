@@ -14,17 +14,12 @@ from types import SimpleNamespace
 import pytest
 import submitit
 
+from helpers import write_config
 from hidream_ft.config import load_config
 from launch import submit
 from launch.jobs import distributed_env, master_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_config(tmp_path, text=""):
-    config = tmp_path / "train.toml"
-    config.write_text(f'[logging]\noutput_dir = "{tmp_path / "runs"}"\n{text}')
-    return config
 
 
 def sbatch_options(dry_run_output: str) -> dict[str, str | bool]:
@@ -74,15 +69,27 @@ def test_dry_run_with_an_export_after_training(tmp_path, capsys):
     assert str(tmp_path / "runs") in out.splitlines()[-1]
 
 
+def test_dry_run_shows_the_export_jobs_resources(tmp_path, capsys):
+    config = write_config(tmp_path, "[slurm]\nexport_gpus = 2\nexport_time_min = 30\n")
+    out = dry_run(capsys, "--config", str(config), "--then-export", "comfyui")
+    assert "export: 1 node(s) x 1 task(s), 2 GPU(s) per node, 30 min" in out
+    export_script = out.split("--- export sbatch script ---")[1].split("\n---")[0]
+    assert {k: sbatch_options(export_script).get(k) for k in ("gpus-per-node", "time", "job-name")} == {
+        "gpus-per-node": "2", "time": "30", "job-name": "hidream-ft-export"}
+
+
 @pytest.fixture()
 def fake_slurm(tmp_path, monkeypatch):
-    """srun and sbatch stand-ins; sbatch keeps each script it is given and answers with job ids 1000, 1001, …"""
+    """srun, sbatch and scancel stand-ins; sbatch keeps each script it is given and answers with job ids 1000, 1001,
+    …; ``sbatch --test-only`` accepts every script; scancel records its arguments in scancel.log."""
     bin_dir, scripts = tmp_path / "bin", tmp_path / "sbatch-scripts"
     bin_dir.mkdir()
     scripts.mkdir()
     (bin_dir / "srun").write_text("#!/bin/bash\nexit 1\n")
-    (bin_dir / "sbatch").write_text(f'#!/bin/bash\nn=$(ls {scripts} | wc -l)\ncp "$1" {scripts}/$n.sh\n'
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\n[[ $1 == --test-only ]] && exit 0\n'
+                                    f'n=$(ls {scripts} | wc -l)\ncp "$1" {scripts}/$n.sh\n'
                                     f'echo "Submitted batch job $((1000 + n))"\n')
+    (bin_dir / "scancel").write_text(f'#!/bin/bash\necho "$*" >> {tmp_path / "scancel.log"}\n')
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
@@ -100,6 +107,37 @@ def test_sweep_with_exports_submits_one_array_then_dependent_exports(tmp_path, c
     assert manifest["job_ids"] == ["1000_0", "1000_1"] and manifest["cluster"] == "slurm"
     out = capsys.readouterr().out
     assert "submitted 1001: export comfyui of" in out and "after 1000_1 succeeds" in out
+
+
+def refuse(fake_bin: Path, condition: str, message: str):
+    """Make the stand-in sbatch refuse, with ``message``, the calls where the bash ``condition`` holds."""
+    sbatch = fake_bin / "sbatch"
+    lines = sbatch.read_text().splitlines()
+    lines.insert(1, f'if {condition}; then echo "sbatch: error: {message}" >&2; exit 1; fi')
+    sbatch.write_text("\n".join(lines) + "\n")
+
+
+def test_a_job_sbatch_would_refuse_submits_nothing(tmp_path, capsys, fake_slurm):
+    # A partition without GPUs: --test-only refuses every script that asks for some.
+    refuse(tmp_path / "bin", '[[ $1 == --test-only ]] && grep -q gpus-per-node "$2"', "Invalid generic resource")
+    config = write_config(tmp_path, "[slurm]\ngpus_per_node = 0\n")
+    assert submit.main(["--config", str(config), "--then-export", "comfyui"]) == 2
+    err = capsys.readouterr().err
+    assert "SLURM would not run the export job (1 node(s) x 1 task(s), 1 GPU(s) per node" in err
+    assert "Invalid generic resource" in err and "nothing was submitted" in err and err.count("\n") == 1
+    assert fake_slurm() == [] and not (tmp_path / "runs" / "submitit").exists()
+
+
+def test_a_refusal_after_the_check_cancels_what_was_submitted(tmp_path, capsys, fake_slurm):
+    refuse(tmp_path / "bin", f'[[ -e {tmp_path / "sbatch-scripts" / "0.sh"} && $1 != --test-only ]]',
+           "QOSMaxSubmitJobPerUserLimit")
+    config = write_config(tmp_path, "[slurm]\nexport_gpus = 0\n")
+    assert submit.main(["--config", str(config), "--then-export", "comfyui"]) == 2
+    err = capsys.readouterr().err
+    assert "QOSMaxSubmitJobPerUserLimit" in err and "cancelled the jobs already submitted (1000)" in err
+    assert (tmp_path / "scancel.log").read_text() == "1000\n"
+    staging = tmp_path / "runs" / "submitit"
+    assert [p.name for p in staging.iterdir() if p.is_file() and not p.is_symlink()] == []
 
 
 def test_export_job_parameters(tmp_path):
@@ -243,9 +281,11 @@ def run_sbatch_script(tmp_path, name, args, **slurm_env):
     (bin_dir / "scontrol").write_text('#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] && printf "gpu-a7\\ngpu-a8\\n"\n')
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
+    # Submitted from elsewhere than the repository: the scripts find lib.sh beside themselves.
     env = dict(os.environ, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-               SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="4321", SLURM_GPUS_ON_NODE="8", **slurm_env)
-    done = subprocess.run(["bash", str(REPO / "slurm" / name), *args], env=env, cwd=REPO, capture_output=True,
+               SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_ID="4321", SLURM_GPUS_ON_NODE="8",
+               SLURM_CPUS_ON_NODE="64", **slurm_env)
+    done = subprocess.run(["bash", str(REPO / "slurm" / name), *args], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return record.read_text().splitlines()
@@ -253,7 +293,8 @@ def run_sbatch_script(tmp_path, name, args, **slurm_env):
 
 def test_single_node_script_runs_one_torchrun_with_a_worker_per_gpu(tmp_path):
     argv = run_sbatch_script(tmp_path, "single-node.sbatch", ["cfg.toml", "--set", "optim.lr=5e-5"])
-    torchrun = argv[argv.index("torchrun"):]
+    assert argv[:2] == ["--ntasks=1", "--cpus-per-task=64"]  # the step gets every CPU of the job
+    torchrun = argv[argv.index("launch.torchrun"):]
     assert "--standalone" in torchrun and "--nproc-per-node=8" in torchrun
     assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2" in torchrun
     assert torchrun[-6:] == ["-m", "hidream_ft.train", "--config", "cfg.toml", "--set", "optim.lr=5e-5"]
@@ -275,3 +316,16 @@ def test_array_script_trains_its_own_sweep_point(tmp_path):
     run_dir = tmp_path / "runs" / "lr=0.0003,rank=4"
     assert trainer == ["--config", str(config), "--set", "optim.lr=0.0003", "--set", "lora.rank=4",
                        "--set", f'logging.output_dir="{run_dir}"', "--set", "sweep={}"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("worker_status, status", [(75, 75), (3, 1)])
+def test_sbatch_torchrun_reports_a_preempted_run_quietly_and_a_failure_as_torchrun_does(tmp_path, worker_status,
+                                                                                       status):
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"import sys\nsys.exit({worker_status})\n")
+    done = subprocess.run([sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc-per-node=1",
+                           str(worker)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == status
+    assert ("Traceback" in done.stderr) == (worker_status != 75), done.stderr
+

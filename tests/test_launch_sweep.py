@@ -5,9 +5,9 @@ import tomllib
 
 import pytest
 
-from hidream_ft.config import ConfigError, load_config
+from hidream_ft.config import ConfigError, load_config, toml_literal
 from launch import sweep
-from launch.sweep import expand, flatten_grid, parse_sweep_args, plan, toml_literal
+from launch.sweep import expand, flatten_grid, parse_sweep_args, plan
 
 
 @pytest.mark.parametrize("value", [

@@ -2,23 +2,17 @@
 and the training benchmark's CPU smoke run."""
 
 import copy
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import WORKERS, run_python, set_flags
 from hidream_ft import bench
 from hidream_ft.config import ConfigError, load_config
 from hidream_ft.optim.adamw8bit import (
     ShardedAdamW8bit, dequantize_blockwise, quantization_map, quantize_blockwise, stochastic_round_to_bf16,
 )
 
-WORKER = Path(__file__).parent / "optim8bit_worker.py"
-DIST_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -189,20 +183,9 @@ def test_mfu_convention_matches_the_reference_formula():
     assert bench.mfu(1.0, 1152, flops, 989e12) == pytest.approx(flops * 1152 / 989e12)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(nproc: int, out: Path, steps: int, opts: list[str], *flags: str) -> dict:
-    runner = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
-    cmd = [sys.executable, *(runner if nproc > 1 else []), str(WORKER), str(out), str(steps), *flags, "--", *opts]
-    # In-process tests leave a one-rank group's variables behind; a one-rank worker must start its own group.
-    inherited = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES}
-    env = dict(inherited, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+def launch(nproc, tiny_checkpoint, run_dir, out, steps, *flags) -> dict:
+    options = set_flags("train.mode=full", "optim.name=adamw8bit", "train.max_steps=10")
+    run_python(WORKERS / "adamw8bit_moments.py", tiny_checkpoint, run_dir, out, steps, *flags, *options, nproc=nproc)
     return torch.load(out, weights_only=False)
 
 
@@ -216,15 +199,13 @@ def assert_same_moments(expected: dict, actual: dict) -> None:
 
 @pytest.mark.distributed
 def test_fsdp_training_and_dcp_checkpoints_reshard_1_to_2_to_1_ranks(tiny_checkpoint, tmp_path):
-    opts = [f"model.path={tiny_checkpoint}", "model.dtype=float32", "parallel.param_dtype=float32",
-            f"logging.output_dir={tmp_path / 'run'}", "train.mode=full", "optim.name=adamw8bit", "optim.lr=3e-3",
-            "train.max_steps=10"]
-    one = launch(1, tmp_path / "one.pt", 3, opts, "--save")
+    run = tmp_path / "run"
+    one = launch(1, tiny_checkpoint, run, tmp_path / "one.pt", 3, "--save")
     losses = list(one["losses"].values())
     assert losses[-1] < losses[0]
     assert len(one["eight_bit"]) >= 10 and len(one["final"]) > len(one["eight_bit"])  # both storage kinds
-    two = launch(2, tmp_path / "two.pt", 4, opts, "--resume", "--save")
+    two = launch(2, tiny_checkpoint, run, tmp_path / "two.pt", 4, "--resume", "--save")
     assert_same_moments(one["final"], two["resumed"])
     assert list(two["losses"]) == [4] and two["losses"][4] < losses[-1]
-    back = launch(1, tmp_path / "back.pt", 4, opts, "--resume")
+    back = launch(1, tiny_checkpoint, run, tmp_path / "back.pt", 4, "--resume")
     assert_same_moments(two["final"], back["resumed"])

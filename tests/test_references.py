@@ -4,12 +4,13 @@ import pytest
 import torch
 from PIL import Image
 
-from hidream_ft.model.layout import FIX_POINT, collate_layouts
-from hidream_ft.model.references import (
-    MAX_REFERENCES, ConditionProcessor, build_reference_inputs, build_reference_layout, condition_base_size,
-    condition_dimensions, fitted_size, generation_inputs, keep_aspect_target_size, prepare_references,
-    reference_pixel_size, resize_pilimage, resized_size, to_image, to_tensor,
+from hidream_ft.model.conditioning import (
+    MAX_REFERENCES, ConditionProcessor, condition_base_size, condition_dimensions, fitted_size,
+    keep_aspect_target_size, prepare_references, reference_pixel_size, resize_pilimage, resized_size,
 )
+from hidream_ft.model.layout import FIX_POINT, collate_layouts
+from hidream_ft.model.patches import image_from_pixels, pixels_from_image, pixels_from_uint8
+from hidream_ft.model.reference_layout import build_reference_inputs, build_reference_layout, generation_inputs
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +20,10 @@ def processor(tiny_checkpoint):
 
 def random_reference(height, width, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 256, (3, height, width), generator=g).float() / 127.5) - 1.0
+    return pixels_from_uint8(torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8))
 
 
-# ---------------------------------------------------------------- sizing (spec §6)
+# ---------------------------------------------------------------- sizing by the number of references
 
 
 @pytest.mark.parametrize("k, expected", [(1, 1024), (2, 768), (3, 512), (4, 512), (5, 384), (8, 384), (9, 256),
@@ -77,7 +78,7 @@ def test_prepare_references_sizes_by_k_and_keeps_aspect():
 
 def test_tensor_image_round_trip_is_exact():
     pixels = random_reference(32, 64)
-    assert torch.equal(to_tensor(to_image(pixels)), pixels)
+    assert torch.equal(pixels_from_image(image_from_pixels(pixels)), pixels)
 
 
 # ---------------------------------------------------------------- ViT inputs
@@ -96,7 +97,7 @@ def test_vit_inputs_match_the_placeholder_counts(processor, tiny_model):
     assert all(f.shape == embeds.shape for f in deepstack)
 
 
-# ---------------------------------------------------------------- layouts (spec §3), computed by hand
+# ---------------------------------------------------------------- layouts, computed by hand
 
 
 def _expected_vit_positions(start, h, w):

@@ -1,42 +1,19 @@
 """The trainer in one process: LoRA and full fine-tunes learn, the numerics guard, adapter export."""
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 from peft import PeftModel
 
-from hidream_ft.config import load_config
+from helpers import CAPTIONS, make_trainer, noise_samples
+from hidream_ft.config import ConfigError
 from hidream_ft.data.collate import TextToImageCollator
 from hidream_ft.model import load_model
 from hidream_ft.runtime.checkpoint import MARKER, resolve_resume, step_dir_name
-from hidream_ft.parallel.distributed import init_distributed
-from hidream_ft.train import Trainer, TrainingAborted
+from hidream_ft.trainer import TrainingAborted
 
 
-@dataclass
-class FakeSample:
-    pixels: torch.Tensor
-    caption: str
-    key: str
-    weight: float = 1.0
-    noise_seed: int = 0
-
-
-def make_trainer(tiny_checkpoint, tmp_path, *overrides):
-    cfg = load_config(None, [
-        f"model.path='{tiny_checkpoint}'", "model.dtype='float32'", "parallel.param_dtype='float32'",
-        f"logging.output_dir='{tmp_path}'", "optim.lr=3e-3", "train.max_steps=100", *overrides,
-    ])
-    return Trainer(cfg, init_distributed())
-
-
-def fixed_batch(trainer, captions=("a red circle", "a green square on a blue background")):
-    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, 128)
-    g = torch.Generator().manual_seed(0)
-    samples = [FakeSample(torch.rand(3, 64, 64, generator=g) * 2 - 1, c, f"s{i}", noise_seed=i)
-               for i, c in enumerate(captions)]
-    return collate(samples)
+def fixed_batch(trainer):
+    return TextToImageCollator(trainer.tokenizer, trainer.tokens, 128)(noise_samples(CAPTIONS[:2]))
 
 
 @pytest.mark.parametrize("options", [
@@ -96,7 +73,7 @@ def test_resume_auto_ignores_folders_without_the_commit_marker(tmp_path):
     (root / f".{step_dir_name(30)}.tmp").mkdir()
     assert resolve_resume("auto", root) == root / step_dir_name(10)
     assert resolve_resume("none", root) is None
-    with pytest.raises(FileNotFoundError, match="no COMPLETE marker"):
+    with pytest.raises(ConfigError, match="no COMPLETE marker"):  # a user error: one line from the command
         resolve_resume(str(root / step_dir_name(20)), root)
 
 

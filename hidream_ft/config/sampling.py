@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from hidream_ft.config.training import ConfigError
-from hidream_ft.model.patches import PATCH_SIZE
+from hidream_ft.config.toml import ConfigError
+from hidream_ft.flow.noise import NOISE_SCALE
 from hidream_ft.flow.schedules import DEFAULT_TIMESTEPS, SCHEDULERS, Schedule, build_schedule
+from hidream_ft.model.geometry import PATCH_SIZE
 
 
 @dataclass
@@ -20,7 +20,7 @@ class SamplingSettings:
     seed: int = 0
     width: int = 1024
     height: int = 1024
-    noise_scale: float = 8.0  # initial noise, and the flash sampler's re-noising scale at its first step
+    noise_scale: float = NOISE_SCALE  # initial noise, and the flash sampler's re-noising scale at its first step
     noise_scale_end: float | None = None  # flash: re-noising scale at the last step (None: = noise_scale)
     noise_clip_std: float = 0.0  # flash: clamp re-noising to ±this·std (0: off)
     timesteps: list[int] = field(default_factory=list)  # explicit schedule; overrides steps and shift
@@ -58,16 +58,11 @@ class SamplingSettings:
             key = "timesteps" if self.timesteps else "steps"
             raise ConfigError(f"{where}.{key}: {e}") from None
 
-    @classmethod
-    def from_fields(cls, source) -> "SamplingSettings":
-        """Take every field this class shares by name with ``source`` (e.g. a ValidationConfig)."""
-        return cls(**{f.name: getattr(source, f.name) for f in dataclasses.fields(cls) if hasattr(source, f.name)})
-
 
 # The official recipes (spec §5): the full model, the Dev model (main branch) and Dev-2604.
 _DEV = dict(steps=28, cfg=0.0, shift=1.0, scheduler="flash", timesteps=list(DEFAULT_TIMESTEPS))
 RECIPES: dict[str, dict] = {
-    "full": dict(steps=50, cfg=5.0, shift=3.0, scheduler="unipc", noise_scale=8.0),
+    "full": dict(steps=50, cfg=5.0, shift=3.0, scheduler="unipc", noise_scale=NOISE_SCALE),
     "dev": dict(_DEV, noise_scale=7.5, noise_clip_std=2.5),
-    "dev-2604": dict(_DEV, noise_scale=8.0, noise_clip_std=8.0),
+    "dev-2604": dict(_DEV, noise_scale=NOISE_SCALE, noise_clip_std=8.0),
 }

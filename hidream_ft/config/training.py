@@ -1,29 +1,33 @@
-"""Training configuration: TOML files validated into typed dataclasses.
+"""The training configuration: one dataclass per TOML section (``[model]``, ``[train]``, …) and its loader.
 
 Every key is documented in ``docs/config.md``; a test keeps that page and these dataclasses in sync.
-Unknown keys and wrong types raise :class:`ConfigError` naming the key, the file and the nearest valid key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import tomllib
-import types
-import typing
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hidream_ft.config.cluster import SlurmConfig
+from hidream_ft.config.sampling import SamplingSettings
+from hidream_ft.config.toml import ConfigError, apply_overrides, build_table, read_toml, write_toml
+from hidream_ft.flow.noise import NOISE_SCALE
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type."""
+# Weights dtype of the trainer and the sampler; "auto" lets each pick for its device and mode.
+ModelDtype = Literal["auto", "bfloat16", "float32"]
 
 
 @dataclass
 class ModelConfig:
     path: str = ""
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # One .safetensors file with the weights instead of those in `path` (which then needs only its config,
+    # tokenizer and processor files): e.g. a ComfyUI single-file checkpoint. Empty: the weights in `path`.
+    weights: str = ""
+    dtype: ModelDtype = "auto"
     attention: Literal["split", "dense"] = "split"
 
 
@@ -55,7 +59,7 @@ class DiffusionConfig:
     shift: float = 1.0
     sigma_min: float = 0.001
     sigma_max: float = 1.0
-    noise_scale: float = 8.0
+    noise_scale: float = NOISE_SCALE
     loss: Literal["x0", "velocity"] = "x0"
     velocity_sigma_floor: float = 0.05
 
@@ -74,6 +78,8 @@ class OptimConfig:
     stochastic_rounding: bool = False  # adamw8bit: round bf16 weight updates stochastically (docs/optimizers.md)
 
     def validate(self, where: str) -> None:
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ConfigError(f"{where}.betas: expected two numbers in [0, 1) such as [0.9, 0.999], got {self.betas}")
         if self.stochastic_rounding and self.name != "adamw8bit":
             raise ConfigError(f"{where}.stochastic_rounding: only optim.name = 'adamw8bit' implements it, "
                               f"got optim.name = {self.name!r}")
@@ -162,6 +168,8 @@ class DataConfig:
     stages: list[DataStage] = field(default_factory=list)
     crop: Literal["center", "random"] = "center"
     small_images: Literal["upscale", "skip"] = "upscale"
+    # Images with more pixels are skipped before decoding: one decode costs ~3 bytes per pixel in a worker.
+    max_image_pixels: int = 8192 * 8192
     missing_caption: Literal["empty", "skip"] = "empty"
     caption_dropout: float = 0.0
     trigger: str = ""
@@ -172,6 +180,8 @@ class DataConfig:
     prefetch_factor: int = 2
     pin_memory: bool = True
     max_text_tokens: int = 512
+    # Shards: where a sample's caption is, first non-blank wins: a member suffix, or "json:" and a .json field.
+    shard_captions: list[str] = field(default_factory=lambda: ["txt", "caption", "json:caption", "json:text"])
     missing_control: Literal["skip", "error"] = "skip"  # a target without its control image (edit / IP)
     task_weights: dict[str, float] = field(default_factory=dict)  # loss weight per task: t2i, edit, ip
 
@@ -196,6 +206,7 @@ class DataConfig:
             ("max_aspect", self.max_aspect, 1.0, float("inf")),
             ("area", self.area, 32 * 32, float("inf")),
             ("keep_tags", self.keep_tags, 0, float("inf")),
+            ("max_image_pixels", self.max_image_pixels, 1, float("inf")),
             ("shuffle_buffer", self.shuffle_buffer, 1, float("inf")),
             ("num_workers", self.num_workers, 0, float("inf")),
             ("prefetch_factor", self.prefetch_factor, 1, float("inf")),
@@ -205,6 +216,10 @@ class DataConfig:
                 raise ConfigError(f"{where}.{key}: must be {bounds}, got {value}")
         if self.bucket_step < 32 or self.bucket_step % 32:
             raise ConfigError(f"{where}.bucket_step: must be a multiple of 32, got {self.bucket_step}")
+        for i, source in enumerate(self.shard_captions):
+            if source.strip(".") in ("", "json:"):
+                raise ConfigError(f"{where}.shard_captions[{i}]: expected a member suffix such as \"txt\" or "
+                                  f"\"json:FIELD\", got {source!r}")
         check_buckets(self.buckets, f"{where}.buckets")
         bounded = [stage.until_step for stage in self.stages[:-1]]
         if None in bounded:
@@ -240,6 +255,10 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "auto"
 
+    def validate(self, where: str) -> None:
+        if self.every < 0:
+            raise ConfigError(f"{where}.every: must be ≥ 0 (0 saves only at the end), got {self.every}")
+
 
 @dataclass
 class LoggingConfig:
@@ -247,88 +266,25 @@ class LoggingConfig:
     log_every: int = 10
     tensorboard: bool = True
 
-
-# Keys of [slurm] that have their own field here; `slurm.sbatch` may not set them behind the launcher's back.
-_MANAGED_SBATCH_OPTIONS = {
-    "nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "partition", "account", "qos", "time",
-    "constraint", "mem", "exclusive", "job-name", "signal", "requeue", "array", "dependency", "output", "error",
-    "open-mode",
-}
-
-
-@dataclass
-class SlurmConfig:
-    """Resources and policies for ``python -m launch.submit`` (docs/cluster.md)."""
-
-    nodes: int = 1
-    gpus_per_node: int = 8
-    tasks_per_node: int = 0  # 0: one task per GPU (one task when gpus_per_node = 0)
-    cpus_per_task: int = 0  # 0: the cluster's default
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    time_min: int = 1440
-    constraint: str = ""
-    mem: str = ""
-    exclusive: bool = False
-    job_name: str = "hidream-ft"
-    signal_delay_s: int = 120
-    max_timeouts: int = 3
-    array_parallelism: int = 16
-    folder: str = ""
-    setup: list[str] = field(default_factory=list)
-    srun_args: list[str] = field(default_factory=list)
-    sbatch: dict[str, Any] = field(default_factory=dict)
-    export_gpus: int = 1
-    export_time_min: int = 60
-
     def validate(self, where: str) -> None:
-        at_least = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 0, "cpus_per_task": 0, "time_min": 1,
-                    "signal_delay_s": 0, "max_timeouts": 0, "array_parallelism": 1, "export_gpus": 0,
-                    "export_time_min": 1}
-        for name, low in at_least.items():
-            if getattr(self, name) < low:
-                raise ConfigError(f"{where}.{name}: must be ≥ {low}, got {getattr(self, name)}")
-        if self.signal_delay_s >= self.time_min * 60:
-            raise ConfigError(f"{where}.signal_delay_s: {self.signal_delay_s} s leaves no run time within "
-                              f"time_min = {self.time_min} min")
-        for key, value in self.sbatch.items():
-            if key.replace("_", "-") in _MANAGED_SBATCH_OPTIONS:
-                raise ConfigError(f"{where}.sbatch.{key}: set by the launcher; use the slurm.* key of that name")
-            if not isinstance(value, (str, int, bool)):
-                raise ConfigError(f"{where}.sbatch.{key}: expected a string, integer or boolean, got {value!r}")
-
-    @property
-    def tasks(self) -> int:
-        """Tasks (training processes) per node."""
-        return self.tasks_per_node or max(1, self.gpus_per_node)
+        if self.log_every < 1:
+            raise ConfigError(f"{where}.log_every: must be ≥ 1 (steps between logged scalars), got {self.log_every}")
 
 
 @dataclass
-class ValidationConfig:
-    """Sample images during training (docs/sampling.md); the sampling keys are those of ``hidream_ft.sample``."""
+class ValidationConfig(SamplingSettings):
+    """Sample images during training (docs/sampling.md): the sampling keys of ``hidream_ft.sample``, flat in
+    ``[validation]``, plus when to render and which prompts."""
 
     every: int = 0  # steps between validation renders; 0 turns validation off
     prompts: list[str] = field(default_factory=list)
-    steps: int = 50
-    cfg: float = 5.0
-    shift: float = 3.0
-    scheduler: Literal["unipc", "flow_match", "flash"] = "unipc"
-    seed: int = 0
-    width: int = 1024
-    height: int = 1024
-    noise_scale: float = 8.0
-    noise_clip_std: float = 0.0
-    timesteps: list[int] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
         if self.every < 0:
             raise ConfigError(f"{where}.every: must be ≥ 0 (0 turns validation off), got {self.every}")
         if self.every and not self.prompts:
             raise ConfigError(f"{where}.prompts: validation every {self.every} steps needs at least one prompt")
-        from hidream_ft.config.sampling import SamplingSettings  # deferred: the sampler imports this module
-
-        SamplingSettings.from_fields(self).validate(where)
+        super().validate(where)
 
 
 @dataclass
@@ -349,128 +305,46 @@ class Config:
     sweep: dict[str, Any] = field(default_factory=dict)
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _relative_to_file(table: dict, folder: Path) -> None:
+    """Rewrite the path values of a file's ``table`` that start with ``./`` or ``../`` to start at ``folder``."""
 
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return _build(tp, value, where)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    def rebase(value):
+        if isinstance(value, str) and value.startswith(("./", "../")):
+            return os.path.normpath(folder / value)
         return value
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
-            if option is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: unexpected {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list of {_type_name(item_tp)}, got {value!r}")
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return dict(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    raise ConfigError(f"{where}: unsupported type {tp}")
+
+    for section, key in (("model", "path"), ("model", "weights"), ("logging", "output_dir"),
+                         ("checkpoint", "resume")):
+        if isinstance(table.get(section), dict) and key in table[section]:
+            table[section][key] = rebase(table[section][key])
+    data = table.get("data")
+    if not isinstance(data, dict):
+        return
+    if isinstance(data.get("shards"), list):
+        data["shards"] = [rebase(pattern) for pattern in data["shards"]]
+    for i, folder_entry in enumerate(data.get("folders", []) if isinstance(data.get("folders"), list) else []):
+        if isinstance(folder_entry, dict):
+            for key in ("path", "control_dir"):
+                if key in folder_entry:
+                    folder_entry[key] = rebase(folder_entry[key])
+            if isinstance(folder_entry.get("control_dirs"), list):
+                folder_entry["control_dirs"] = [rebase(d) for d in folder_entry["control_dirs"]]
+        else:
+            data["folders"][i] = rebase(folder_entry)
 
 
-def _build(cls: type, table: dict, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in table.items():
-        if key not in names:
-            near = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        validate(where)
-    return obj
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read a TOML file (or start from defaults), apply ``key=value`` overrides, validate.
 
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=1e-4")
-    key, raw = item.split("=", 1)
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # bare strings need no quotes on the command line
-    return key.strip().split("."), value
-
-
-def _merge(table: dict, path: list[str], value: Any) -> None:
-    for part in path[:-1]:
-        table = table.setdefault(part, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"--set {'.'.join(path)}: '{part}' is not a table")
-    table[path[-1]] = value
-
-
-def read_toml(path: str | Path, what: str) -> dict:
-    """A TOML file as a table; a missing file or a syntax error is a :class:`ConfigError` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} not found: {path}")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
-
-
-def build_table(cls: type, table: dict, where: str = "") -> Any:
-    """Validate a table into the dataclass ``cls`` with the same rules and errors as the training config."""
-    return _build(cls, table, where)
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a TOML file (or start from defaults), apply ``key=value`` overrides, validate."""
+    Paths in the file that start with ``./`` or ``../`` are relative to the file's folder; every other relative
+    path, and any given in ``overrides``, is relative to the current directory."""
     table = read_toml(path, "config file") if path is not None else {}
     where = str(path) if path is not None else "config"
-    for item in overrides:
-        _merge(table, *_parse_override(item))
-    return _build_root(table, where)
-
-
-def _build_root(table: dict, where: str) -> Config:
+    if path is not None:
+        _relative_to_file(table, Path(path).parent)
+    apply_overrides(table, overrides)
     try:
-        return _build(Config, table, "")
+        return build_table(Config, table)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -479,34 +353,8 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
 def to_toml(cfg: Config) -> str:
     """The resolved configuration as a TOML file that :func:`load_config` reads back unchanged.
 
     TOML has no null: keys whose value is None (their default) are left out."""
-    lines: list[str] = []
-    for section, table in to_dict(cfg).items():
-        scalars = {k: v for k, v in table.items() if not (isinstance(v, list) and v and isinstance(v[0], dict))}
-        arrays = {k: v for k, v in table.items() if k not in scalars}
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items() if v is not None]
-        lines.append("")
-        for key, items in arrays.items():
-            for item in items:
-                lines.append(f"[[{section}.{key}]]")
-                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items() if v is not None]
-                lines.append("")
-    return "\n".join(lines)
+    return write_toml(to_dict(cfg))

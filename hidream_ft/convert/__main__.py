@@ -20,28 +20,24 @@ from pathlib import Path
 
 import torch
 
-from hidream_ft.lora.adapter import check_fits, stack_adapters
-from hidream_ft.lora.errors import ConvertError
-from hidream_ft.lora.formats import META, describe, write_lora
-from hidream_ft.lora.keys import WRITABLE_STYLES, parse_lora_keys
+from hidream_ft.cli import entry_point
 from hidream_ft.convert.merge import DEFAULT_SHARD_BYTES, LAYOUTS, merge_checkpoint, weight_shapes
 from hidream_ft.convert.sources import FullWeights, load_adapter, load_source
-from hidream_ft.model.loading import CheckpointError
+from hidream_ft.lora import (
+    WRITABLE_STYLES, ConvertError, check_fits, describe, parse_lora_keys, parse_lora_spec, stack_adapters, write_lora,
+)
+from hidream_ft.lora.formats import META
+from hidream_ft.model.dtypes import TORCH_DTYPES
+from hidream_ft.model.safetensors_io import open_safetensors
 
-DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_CHOICES = ("keep", "bf16", "fp16", "fp32")  # keep: the source's own dtypes
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
 
-def parse_weighted(text: str) -> tuple[str, float]:
-    """``path:0.75`` → (path, 0.75); a path without a numeric suffix has weight 1."""
-    path, sep, weight = text.rpartition(":")
-    if sep:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return text, 1.0
+def chosen_dtype(choice: str) -> torch.dtype | None:
+    """A ``--dtype`` choice as a torch dtype; None keeps the source's dtypes."""
+    return None if choice == "keep" else TORCH_DTYPES[choice]
 
 
 def parse_size(text: str) -> int:
@@ -68,17 +64,15 @@ def cmd_export(args) -> None:
         check_fits(adapter, weight_shapes(args.base), f"the base model at {args.base}")
     if args.trigger is not None:
         adapter.metadata[META + "trigger"] = args.trigger
-    if DTYPES[args.dtype] is not None:
-        adapter = adapter.to(DTYPES[args.dtype])
+    if chosen_dtype(args.dtype) is not None:
+        adapter = adapter.to(chosen_dtype(args.dtype))
     print(write_lora(adapter, args.to, args.out))
 
 
 def cmd_inspect(args) -> None:
     path = Path(args.source)
     if path.is_file() and path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
+        with open_safetensors(path) as f:
             keys = list(f.keys())
         try:
             print(f"style: {parse_lora_keys(keys, str(path)).style.name}")
@@ -96,7 +90,7 @@ def cmd_inspect(args) -> None:
 def cmd_merge(args) -> None:
     loras, full, metadata, described = [], None, [], []
     for text in args.sources:
-        path, weight = parse_weighted(text)
+        path, weight = parse_lora_spec(text)
         source = load_source(path)
         metadata.append(source.metadata)
         if isinstance(source, FullWeights):
@@ -110,7 +104,7 @@ def cmd_merge(args) -> None:
             loras.append((source, weight))
             described.append(f"{path}×{weight:g}")
     base = _base_dir(args.base, metadata)
-    dtype = DTYPES[args.dtype or ("bf16" if args.layout == "comfyui" else "keep")]
+    dtype = chosen_dtype(args.dtype or ("bf16" if args.layout == "comfyui" else "keep"))
     info = {META + "base_model": str(base), META + "merged": "; ".join(described)}
     print(merge_checkpoint(base, args.out, layout=args.layout, loras=loras, full=full, dtype=dtype,
                            max_shard_bytes=args.max_shard_size, metadata=info))
@@ -119,13 +113,13 @@ def cmd_merge(args) -> None:
 def cmd_stack(args) -> None:
     weighted = []
     for text in args.sources:
-        path, weight = parse_weighted(text)
+        path, weight = parse_lora_spec(text)
         weighted.append((load_adapter(path), weight))
     stacked = stack_adapters(weighted)
-    stacked.metadata[META + "stacked"] = "; ".join(f"{parse_weighted(t)[0]}×{w:g}" for t, (_, w) in
+    stacked.metadata[META + "stacked"] = "; ".join(f"{parse_lora_spec(t)[0]}×{w:g}" for t, (_, w) in
                                                    zip(args.sources, weighted))
-    if DTYPES[args.dtype] is not None:
-        stacked = stacked.to(DTYPES[args.dtype])
+    if chosen_dtype(args.dtype) is not None:
+        stacked = stacked.to(chosen_dtype(args.dtype))
     print(write_lora(stacked, args.to, args.out))
 
 
@@ -140,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="a directory for peft, a .safetensors file otherwise")
     export.add_argument("--base", help="check the adapter's shapes against this base model directory")
     export.add_argument("--trigger", help="trigger phrase for the file header (default: data.trigger of the run)")
-    export.add_argument("--dtype", choices=DTYPES, default="keep")
+    export.add_argument("--dtype", choices=DTYPE_CHOICES, default="keep")
     export.set_defaults(run=cmd_export)
 
     inspect = commands.add_parser("inspect", help="show the format, modules, ranks and metadata of a source")
@@ -152,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="a directory for hf, a .safetensors file for comfyui")
     merge.add_argument("--layout", choices=LAYOUTS, default="hf")
     merge.add_argument("--base", help="base model directory (default: the one recorded by training)")
-    merge.add_argument("--dtype", choices=DTYPES, help="default: keep for hf, bf16 for comfyui")
+    merge.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: keep for hf, bf16 for comfyui")
     merge.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES,
                        help="hf layout: largest shard, e.g. 5GB (default)")
     merge.set_defaults(run=cmd_merge)
@@ -161,18 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("sources", nargs="+", metavar="SOURCE[:WEIGHT]")
     stack.add_argument("--to", required=True, choices=WRITABLE_STYLES)
     stack.add_argument("--out", required=True)
-    stack.add_argument("--dtype", choices=DTYPES, default="keep")
+    stack.add_argument("--dtype", choices=DTYPE_CHOICES, default="keep")
     stack.set_defaults(run=cmd_stack)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (ConvertError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    args.run(args)
     return 0
 
 

@@ -11,9 +11,9 @@ Layouts:
     hf       model-0000i-of-0000n.safetensors + model.safetensors.index.json (or one model.safetensors), with
              config.json, tokenizer and processor files copied from the base directory; loads with
              :func:`hidream_ft.model.load_model`, the official pipeline and ``from_pretrained``.
-    comfyui  one .safetensors with every weight under ``model.`` renamed ``model.diffusion_model.…`` (the prefix
-             ComfyUI's checkpoint and diffusion-model loaders detect); ``lm_head`` is dropped — ComfyUI's
-             HiDream-O1 model has no LM head and image generation never uses it.
+    comfyui  one .safetensors under the official ``model.…`` names, as Comfy-Org publishes HiDream-O1 (and
+             musubi-tuner and ai-toolkit load it): without ``lm_head`` and the ViT's DeepStack mergers, which
+             ComfyUI's model does not have (:data:`hidream_ft.model.loading.COMFYUI_OMITTED`).
 """
 
 from __future__ import annotations
@@ -31,24 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from hidream_ft.lora.adapter import LoraAdapter, LoraModule, check_fits
-from hidream_ft.lora.errors import ConvertError, listing
-from hidream_ft.lora.keys import DIFFUSION_ROOT
 from hidream_ft.convert.sources import TensorSource
-from hidream_ft.model.loading import INDEX_FILE, SINGLE_FILE, weight_files
+from hidream_ft.errors import listing
+from hidream_ft.lora import ConvertError, LoraAdapter, LoraModule, check_fits
+from hidream_ft.model.dtypes import SAFETENSORS_DTYPES, TORCH_DTYPES, dtype_name, safetensors_code
+from hidream_ft.model.loading import COMFYUI_OMITTED, INDEX_FILE, SINGLE_FILE, weight_files
+from hidream_ft.model.safetensors_io import open_safetensors
 
 LAYOUTS = ("hf", "comfyui")
-COMFYUI_PREFIX = "model.diffusion_model."
 DEFAULT_SHARD_BYTES = 5_000_000_000
-DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
-    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
-TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
@@ -65,7 +57,8 @@ class StreamingSafetensorsWriter:
         offset = 0
         for name, dtype, shape in entries:
             size = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {"dtype": safetensors_code(dtype), "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format aligns the tensor data on 8 bytes
@@ -100,8 +93,7 @@ class StreamingSafetensorsWriter:
 
 @dataclass(frozen=True)
 class _Entry:
-    name: str  # in the output
-    key: str  # in the base checkpoint
+    key: str  # in the base checkpoint and the output
     dtype: torch.dtype
     shape: tuple[int, ...]
 
@@ -110,17 +102,12 @@ class _Entry:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def comfyui_key(key: str) -> str | None:
-    """Official key → ComfyUI checkpoint key; None for weights outside the diffusion model (``lm_head``)."""
-    return COMFYUI_PREFIX + key[len(DIFFUSION_ROOT):] if key.startswith(DIFFUSION_ROOT) else None
-
-
 def weight_shapes(base_dir: str | Path) -> dict[str, tuple[int, ...]]:
     """Every weight's shape in the base checkpoint, from the safetensors headers (nothing is loaded)."""
     files = weight_files(base_dir)
     shapes = {}
     for file in sorted(set(files.values())):
-        with safe_open(str(file), "pt") as f:
+        with open_safetensors(file) as f:
             shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys() if files.get(key) == file})
     return shapes
 
@@ -155,9 +142,9 @@ def _copy_side_files(base_dir: Path, out: Path, dtype: torch.dtype | None) -> No
         if item.is_file() and item.suffix not in WEIGHT_SUFFIXES and not item.name.endswith(".index.json"):
             shutil.copy2(item, out / item.name)
     config_file = out / "config.json"
-    if dtype in CONFIG_DTYPE_NAMES and config_file.is_file():
+    if dtype in TORCH_DTYPES.values() and config_file.is_file():
         config = json.loads(config_file.read_text())
-        config["torch_dtype"] = CONFIG_DTYPE_NAMES[dtype]
+        config["torch_dtype"] = dtype_name(dtype)
         config_file.write_text(json.dumps(config, indent=2))
 
 
@@ -168,10 +155,10 @@ def _write_hf(out: Path, entries: list[_Entry], produce: Callable[[_Entry], torc
     names = [SINGLE_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
     weight_map = {}
     for name, shard in zip(names, shards):
-        with StreamingSafetensorsWriter(out / name, [(e.name, e.dtype, e.shape) for e in shard], metadata) as w:
+        with StreamingSafetensorsWriter(out / name, [(e.key, e.dtype, e.shape) for e in shard], metadata) as w:
             for entry in shard:
-                w.write(entry.name, produce(entry))
-        weight_map.update({entry.name: name for entry in shard})
+                w.write(entry.key, produce(entry))
+        weight_map.update({entry.key: name for entry in shard})
     for stale in out.iterdir():  # shards of an earlier export into the same directory
         if _SHARD_NAME.fullmatch(stale.name) and stale.name not in names:
             stale.unlink()
@@ -195,7 +182,8 @@ def merge_checkpoint(
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write base + full fine-tune (``full``) + Σ weight·LoRA as ``layout`` at ``out`` (a directory for hf,
-    a ``.safetensors`` file for comfyui). ``dtype`` casts floating tensors (None keeps the base dtypes)."""
+    a ``.safetensors`` file for comfyui). ``dtype`` casts floating tensors (None keeps the base dtypes).
+    ``base_dir`` is the official directory or, for the comfyui layout, also a ComfyUI single file."""
     base_dir, out = Path(base_dir), Path(out)
     if layout not in LAYOUTS:
         raise ConvertError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
@@ -203,6 +191,9 @@ def merge_checkpoint(
         raise ConvertError(f"{out}: a ComfyUI checkpoint is a single file; name it *.safetensors")
     if layout == "hf" and (out.is_file() or (out.exists() and out.resolve() == base_dir.resolve())):
         raise ConvertError(f"{out}: the hf layout needs a new or existing output directory other than the base")
+    if layout == "hf" and base_dir.is_file():
+        raise ConvertError(f"{base_dir}: the hf layout needs the official HiDream-O1-Image folder as the base; "
+                           "a single file lacks its config, tokenizer (and maybe lm_head and DeepStack mergers)")
     files = weight_files(base_dir)
     metadata = {"format": "pt", **(metadata or {})}
     deltas: dict[str, list[tuple[LoraModule, float]]] = defaultdict(list)
@@ -211,7 +202,7 @@ def merge_checkpoint(
             deltas[f"{path}.weight"].append((module, weight))
 
     with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in sorted(set(files.values()))}
+        handles = {f: stack.enter_context(open_safetensors(f)) for f in sorted(set(files.values()))}
         slices = {key: handles[file].get_slice(key) for key, file in files.items()}
         shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
         for adapter, _ in loras:
@@ -231,12 +222,11 @@ def merge_checkpoint(
 
         entries = []
         for key in sorted(files, key=lambda k: (str(files[k]), k)):
-            name = key if layout == "hf" else comfyui_key(key)
-            if name is None:
+            if layout == "comfyui" and key.startswith(COMFYUI_OMITTED):
                 continue
-            base_dtype = TORCH_DTYPES[slices[key].get_dtype()]
+            base_dtype = SAFETENSORS_DTYPES[slices[key].get_dtype()]
             out_dtype = dtype if dtype is not None and base_dtype.is_floating_point else base_dtype
-            entries.append(_Entry(name, key, out_dtype, shapes[key]))
+            entries.append(_Entry(key, out_dtype, shapes[key]))
 
         if layout == "hf":
             out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +234,7 @@ def merge_checkpoint(
             _copy_side_files(base_dir, out, dtype)
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
-            with StreamingSafetensorsWriter(out, [(e.name, e.dtype, e.shape) for e in entries], metadata) as w:
+            with StreamingSafetensorsWriter(out, [(e.key, e.dtype, e.shape) for e in entries], metadata) as w:
                 for entry in entries:
-                    w.write(entry.name, produce(entry))
+                    w.write(entry.key, produce(entry))
     return out

@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from hidream_ft.lora.adapter import LoraAdapter
-from hidream_ft.lora.errors import ConvertError
-from hidream_ft.lora.formats import META, PEFT_CONFIG, adapter_from_peft_state, read_lora_file, read_peft_dir
+from hidream_ft.lora import ConvertError, LoraAdapter, adapter_from_peft_state, read_lora_file, read_peft_dir
+from hidream_ft.lora.formats import META, PEFT_CONFIG
 from hidream_ft.lora.keys import is_lora_key
+from hidream_ft.model.safetensors_io import open_safetensors
 
 RUN_CONFIG = "config.toml"
 MODEL_KEY_ROOTS = ("model.", "lm_head.")  # a state dict under the official keys: full weights, not a LoRA
@@ -34,7 +33,7 @@ class TensorSource:
 
     def __init__(self, tensors: dict[str, torch.Tensor] | None = None, file: Path | None = None):
         self._tensors = tensors
-        self._file = safe_open(str(file), "pt") if file is not None else None
+        self._file = open_safetensors(file) if file is not None else None
         self._keys = list(tensors) if tensors is not None else list(self._file.keys())
         self._key_set = set(self._keys)
         self.where = str(file) if file is not None else "the fine-tuned checkpoint"
@@ -116,7 +115,7 @@ def load_source(path: str | Path) -> LoraAdapter | FullWeights:
     path = Path(path)
     if path.is_file():
         if path.suffix == ".safetensors":
-            with safe_open(str(path), "pt") as f:
+            with open_safetensors(path) as f:
                 keys = list(f.keys())
             if keys and all(k.startswith(MODEL_KEY_ROOTS) and not is_lora_key(k) for k in keys):
                 return FullWeights(TensorSource(file=path))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from hidream_ft.cli import entry_point, image_size, int_at_least
 from hidream_ft.config import DataConfig
 from hidream_ft.data.pipeline import build_pipeline
 from hidream_ft.data.samples import make_sample
@@ -81,17 +83,20 @@ def pipeline_rate(folder: Path, bucket: tuple[int, int], workers: int, seconds: 
     return rate
 
 
-def main(argv: list[str] | None = None) -> None:
+@entry_point
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m hidream_ft.data.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default="2048x1536", help="synthetic image size WxH (default 2048x1536)")
+    parser.add_argument("--source", type=image_size, default="2048x1536",
+                        help="synthetic image size WxH (default 2048x1536)")
     parser.add_argument("--format", default="jpg", choices=["jpg", "png", "webp"], help="image format (default jpg)")
-    parser.add_argument("--images", type=int, default=16, help="number of synthetic images (default 16)")
-    parser.add_argument("--size", type=int, default=1024, help="output bucket side (default 1024: a 1024² bucket)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers for the "
-                        "pipeline measurement (default: CPU count)")
+    parser.add_argument("--images", type=int_at_least(1), default=16, help="number of synthetic images (default 16)")
+    parser.add_argument("--size", type=int_at_least(1), default=1024,
+                        help="output bucket side (default 1024: a 1024² bucket)")
+    parser.add_argument("--workers", type=int_at_least(0), default=os.cpu_count() or 1,
+                        help="DataLoader workers for the pipeline measurement (default: CPU count)")
     parser.add_argument("--seconds", type=float, default=5.0, help="time per measurement (default 5)")
     args = parser.parse_args(argv)
-    source = tuple(int(side) for side in args.source.lower().split("x"))
+    source = args.source
     bucket = (args.size, args.size)
     with tempfile.TemporaryDirectory(prefix="hidream_bench_") as tmp:
         paths = write_synthetic_images(Path(tmp), args.images, source, args.format)
@@ -110,4 +115,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

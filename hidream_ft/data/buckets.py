@@ -11,15 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from hidream_ft.config import ConfigError, DataConfig, check_buckets
-
-PATCH = 32
+from hidream_ft.model.patches import PATCH_SIZE
 
 Bucket = tuple[int, int]
 
 _ASSIGN_CHUNK = 65536
 
 
-def buckets_for_area(area: int, step: int = PATCH, max_aspect: float = 2.5) -> list[Bucket]:
+def buckets_for_area(area: int, step: int = PATCH_SIZE, max_aspect: float = 2.5) -> list[Bucket]:
     """For every short side that is a multiple of ``step``, the longest multiple-of-``step`` long side whose
     area is at most ``area``, in both orientations, up to ``max_aspect``:1. Sorted by aspect ratio."""
     buckets = set()
@@ -54,11 +53,6 @@ def assign_buckets(widths, heights, buckets: list[Bucket]) -> tuple[np.ndarray, 
     chosen = np.argmin(key, axis=1)
     rows = np.arange(len(chosen))
     return chosen, upscale[rows, chosen]
-
-
-def nearest_bucket(width: int, height: int, buckets: list[Bucket]) -> Bucket:
-    index, _ = assign_buckets([width], [height], buckets)
-    return buckets[int(index[0])]
 
 
 def crop_box(width: int, height: int, bucket: Bucket, offset: float = 0.5) -> tuple[float, float, float, float]:

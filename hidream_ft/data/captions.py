@@ -7,9 +7,7 @@ from collections import Counter
 
 from hidream_ft.config import DataConfig
 from hidream_ft.data.stats import record
-
-# The prompt HiDream-O1's unconditional (CFG) branch is trained and sampled with: a single space.
-EMPTY_PROMPT = " "
+from hidream_ft.model.layout import EMPTY_PROMPT
 
 
 def decode_caption(data: bytes, counts: Counter, source: str) -> str:

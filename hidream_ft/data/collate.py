@@ -3,17 +3,28 @@ off the GPU loop)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from hidream_ft.config import ConfigError
+from hidream_ft.model.errors import ModelInputError
 from hidream_ft.model.patches import patchify
 from hidream_ft.model.layout import (
     LayoutBatch, SpecialTokens, build_t2i_layout, chat_prompt_ids, collate_layouts, truncate_caption,
 )
-from hidream_ft.model.references import (
-    ConditionProcessor, ImageConditions, build_reference_layout, collate_reference_layouts, generation_inputs,
-)
+from hidream_ft.model.conditioning import ConditionProcessor, ImageConditions
+from hidream_ft.model.reference_layout import build_reference_layout, collate_reference_layouts, generation_inputs
+
+
+@contextmanager
+def _naming_the_sample(key: str):
+    """A caption or references that the layout refuses: the sample's key says which to fix."""
+    try:
+        yield
+    except ModelInputError as e:
+        raise ModelInputError(f"sample {key}: {e}") from None
 
 
 @dataclass
@@ -48,7 +59,7 @@ class TextToImageCollator:
         self.max_text_tokens = max_text_tokens
         template_tokens = len(chat_prompt_ids(tokenizer, tokens, ""))
         if template_tokens >= max_text_tokens:
-            raise ValueError(f"data.max_text_tokens = {max_text_tokens} leaves no room for a caption")
+            raise ConfigError(f"data.max_text_tokens = {max_text_tokens} leaves no room for a caption")
         self.max_caption_tokens = max_text_tokens - template_tokens
 
     def caption(self, sample) -> str:
@@ -59,8 +70,9 @@ class TextToImageCollator:
         layouts = []
         for sample in samples:
             _, height, width = sample.pixels.shape
-            layouts.append(build_t2i_layout(self.tokenizer, self.tokens, self.caption(sample), height, width,
-                                            self.max_text_tokens))
+            with _naming_the_sample(sample.key):
+                layouts.append(build_t2i_layout(self.tokenizer, self.tokens, self.caption(sample), height, width,
+                                                self.max_text_tokens))
         return self.batch(samples, collate_layouts(layouts, self.tokens.pad))
 
     def batch(self, samples, layout: LayoutBatch, conditions: ImageConditions | None = None) -> TrainBatch:
@@ -99,10 +111,8 @@ class TrainCollator(TextToImageCollator):
         items = []
         for sample in samples:
             _, height, width = sample.pixels.shape
-            try:
+            with _naming_the_sample(sample.key):
                 items.append(build_reference_layout(self.tokenizer, self.tokens, self.processor,
                                                     self.caption(sample), height, width, sample.references))
-            except ValueError as e:
-                raise ValueError(f"sample {sample.key}: {e}") from None
         layout, conditions = collate_reference_layouts(items, self.tokens.pad)
         return self.batch(samples, layout, conditions)

@@ -1,8 +1,5 @@
 """Index of local image folders: images, captions (``.txt`` sidecars or ``metadata.jsonl``), sizes, repeats.
-
-Scanning reads only image headers and captions (~0.4 ms per image), so 100k images take under a minute; larger
-sets should be packed into shards (``python -m hidream_ft.data.pack``), whose samples carry their size.
-"""
+Only headers and captions are read (docs/data.md: indexing cost, and when to pack into shards instead)."""
 
 from __future__ import annotations
 
@@ -10,31 +7,15 @@ import hashlib
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 from hidream_ft.config import ConfigError, FolderSource
 from hidream_ft.data.captions import decode_caption
 from hidream_ft.data.images import IMAGE_EXTENSIONS, BadImage, probe_size
+from hidream_ft.data.items import FolderItem
 from hidream_ft.data.stats import record
 
-if TYPE_CHECKING:
-    from hidream_ft.data.paired import Controls
-
 METADATA_FILE = "metadata.jsonl"
-
-
-@dataclass(frozen=True)
-class FolderItem:
-    key: str
-    path: str
-    caption: str  # metadata caption or sidecar text, plus metadata tags; "" when missing (policy "empty")
-    weight: float
-    width: int  # as displayed (after EXIF orientation)
-    height: int
-    repeats: int
-    controls: Controls | None = None  # edit / IP targets: their control images (hidream_ft.data.paired)
 
 
 def sample_key(relative: PurePosixPath) -> str:
@@ -47,7 +28,7 @@ def _is_image(name: str) -> bool:
     return name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS and "." in name
 
 
-def _walk(root: Path) -> tuple[list[Path], list[Path]]:
+def walk_folder(root: Path) -> tuple[list[Path], list[Path]]:
     """Image files and metadata files under ``root``, in a stable order; hidden entries (like macOS '._x.jpg'
     resource forks or .ipynb_checkpoints copies) are ignored."""
     images, metadata = [], []
@@ -113,7 +94,7 @@ def scan_folder(
     unique within ``seen_keys`` (shared between the folders of one dataset)."""
     key_base = key_base or root
     seen_keys = {} if seen_keys is None else seen_keys
-    images, metadata_files = _walk(root)
+    images, metadata_files = walk_folder(root)
     metadata = _read_metadata(metadata_files, counts)
     items, matched = [], set()
     for image in images:

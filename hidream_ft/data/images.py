@@ -16,6 +16,8 @@ from PIL import Image
 
 from hidream_ft.data.buckets import Bucket, crop_box
 from hidream_ft.data.stats import record
+from hidream_ft.errors import UserError
+from hidream_ft.model.patches import pixels_from_uint8
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -35,8 +37,12 @@ _ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
 _WHITE = (255, 255, 255, 255)
 
 
-class BadImage(Exception):
+class BadImage(UserError):
     """The image cannot be decoded (corrupt, truncated, unsupported or not an image)."""
+
+
+class ImageTooLarge(BadImage):
+    """The image has more pixels than ``data.max_image_pixels`` lets a worker decode (memory)."""
 
 
 def _open(source: str | bytes) -> Image.Image:
@@ -89,14 +95,19 @@ def _to_rgb(img: Image.Image, counts: Counter) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_rgb(source: str | bytes, counts: Counter, name: str, cover: Bucket | None = None) -> Image.Image:
+def decode_rgb(source: str | bytes, counts: Counter, name: str, cover: Bucket | None = None,
+               max_pixels: int | None = None) -> Image.Image:
     """Decode ``source`` to an upright RGB image: EXIF orientation applied, 16-bit/CMYK/palette/alpha converted
     (each counted). With ``cover`` = (width, height), a JPEG may be decoded at a reduced scale that still
-    covers it. Raises :class:`BadImage`."""
+    covers it. Raises :class:`BadImage`, or :class:`ImageTooLarge` (from the header, before decoding) for an
+    image of more than ``max_pixels`` pixels."""
     try:
         with _open(source) as img:
             orientation = _orientation(img)
             width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLarge(f"{name}: {width}x{height} is {width * height:,} pixels, more than "
+                                    f"data.max_image_pixels = {max_pixels:,}")
             if cover is not None and img.format == "JPEG":
                 oriented = (height, width) if orientation in _SWAPS_SIDES else (width, height)
                 scale = max(cover[0] / oriented[0], cover[1] / oriented[1])
@@ -105,6 +116,8 @@ def decode_rgb(source: str | bytes, counts: Counter, name: str, cover: Bucket | 
             sixteen_bit = img.mode in _SIXTEEN_BIT_GRAY or any(";16" in str(tile.args) for tile in img.tile)
             img.load()
             rgb = _to_rgb(img, counts)
+    except ImageTooLarge:
+        raise
     except Exception as e:  # Pillow's decoders raise many exception types for bad files
         raise BadImage(f"{name}: {type(e).__name__}: {e}") from None
     if sixteen_bit:
@@ -115,11 +128,13 @@ def decode_rgb(source: str | bytes, counts: Counter, name: str, cover: Bucket | 
     return rgb
 
 
-def render_image(source: str | bytes, bucket: Bucket, offset: float, counts: Counter, name: str) -> torch.Tensor:
-    """Decode ``source`` and fill ``bucket`` with it: EXIF orientation applied, the largest region with the
-    bucket's aspect ratio cropped (``offset`` 0.5 = centred, 0..1 along the axis with slack) and resized with
-    antialiased bicubic filtering. Returns float32 [3, H, W] in [-1, 1]."""
-    rgb = decode_rgb(source, counts, name, cover=bucket)
+def render_image(source: str | bytes, bucket: Bucket, offset: float, counts: Counter, name: str,
+                 max_pixels: int | None = None) -> torch.Tensor:
+    """Decode ``source`` (at most ``max_pixels`` pixels, see :func:`decode_rgb`) and fill ``bucket`` with it:
+    EXIF orientation applied, the largest region with the bucket's aspect ratio cropped (``offset`` 0.5 =
+    centred, 0..1 along the axis with slack) and resized with antialiased bicubic filtering. Returns float32
+    [3, H, W] in [-1, 1]."""
+    rgb = decode_rgb(source, counts, name, cover=bucket, max_pixels=max_pixels)
     if bucket[0] > rgb.width or bucket[1] > rgb.height:  # a reduced JPEG decode still covers the bucket
         record(counts, "too_small_upscaled")
     left, top, right, bottom = (round(edge) for edge in crop_box(rgb.width, rgb.height, bucket, offset))
@@ -127,4 +142,4 @@ def render_image(source: str | bytes, bucket: Bucket, offset: float, counts: Cou
     # torch's antialiased bicubic on uint8 matches Pillow's BICUBIC resize (mean difference < 0.01 levels)
     # at about a third of its cost.
     resized = torch.nn.functional.interpolate(region, size=(bucket[1], bucket[0]), mode="bicubic", antialias=True)
-    return resized[0].to(torch.float32).mul_(1 / 127.5).sub_(1.0)
+    return pixels_from_uint8(resized[0])

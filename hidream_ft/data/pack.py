@@ -2,10 +2,7 @@
 
     python -m hidream_ft.data.pack SRC_DIR OUT_DIR --shard-size 1000
 
-Each sample holds the original image bytes (no re-encoding), its caption as ``.txt`` (absent when the image
-has none) and ``.json`` with the displayed ``width``/``height`` (so bucketing needs no decode), ``weight`` and
-the source path. Shards are written under a temporary name and renamed when complete; ``manifest.json``
-(written last, the same way) lists every shard with its sample count and size histogram.
+What a sample and ``manifest.json`` hold: docs/data.md.
 """
 
 from __future__ import annotations
@@ -15,17 +12,20 @@ import json
 import logging
 import os
 import random
+import sys
 from collections import Counter
 from pathlib import Path
 
 import webdataset as wds
 
+from hidream_ft.cli import entry_point, int_at_least
 from hidream_ft.config import ConfigError, DataConfig
 from hidream_ft.data.buckets import assign_buckets, bucket_histogram, buckets_for_area
 from hidream_ft.data.folders import resolved_folder, scan_folder
 from hidream_ft.data.images import BadImage, verify_decodes
 from hidream_ft.data.shards import MANIFEST_NAME
 from hidream_ft.data.stats import record
+from hidream_ft.errors import UserError
 
 log = logging.getLogger("hidream_ft.data")
 
@@ -39,10 +39,14 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
+class ShardsExist(UserError, FileExistsError):
+    """OUT already holds shards and --overwrite was not given."""
+
+
 def _clear_output(out: Path, overwrite: bool) -> None:
     previous = sorted(out.glob("shard-*.tar*")) + sorted(out.glob(MANIFEST_NAME))
     if previous and not overwrite:
-        raise FileExistsError(f"{out} already holds shards ({previous[0].name}, …); pass --overwrite to replace them")
+        raise ShardsExist(f"{out} already holds shards ({previous[0].name}, …); pass --overwrite to replace them")
     for path in previous:
         path.unlink()
 
@@ -128,11 +132,12 @@ def pack(
     return manifest
 
 
-def main(argv: list[str] | None = None) -> None:
+@entry_point
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m hidream_ft.data.pack", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="image folder (searched recursively)")
     parser.add_argument("out", help="output folder for shard-NNNNNN.tar and manifest.json")
-    parser.add_argument("--shard-size", type=int, required=True, help="samples per shard")
+    parser.add_argument("--shard-size", type=int_at_least(1), required=True, help="samples per shard")
     parser.add_argument("--missing-caption", choices=["empty", "skip"], default="empty",
                         help="images without caption: pack them without .txt (default) or leave them out")
     parser.add_argument("--verify", action="store_true", help="decode every image and leave out undecodable ones")
@@ -143,15 +148,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="target area for the bucket histogram in the manifest (default 1024*1024)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        manifest = pack(args.src, args.out, args.shard_size, args.missing_caption, args.verify,
-                        None if args.no_shuffle else args.seed, args.overwrite, args.area)
-    except (ConfigError, FileExistsError, ValueError) as e:
-        parser.exit(2, f"error: {e}\n")
+    manifest = pack(args.src, args.out, args.shard_size, args.missing_caption, args.verify,
+                    None if args.no_shuffle else args.seed, args.overwrite, args.area)
     pattern = str(Path(args.out) / manifest["shard_pattern"])
     print(f"packed {manifest['count']} images into {len(manifest['shards'])} shards; in the config:")
     print(f'[data]\nshards = ["{pattern}"]')
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

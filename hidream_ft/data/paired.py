@@ -1,24 +1,9 @@
-"""Paired samples for edit and subject-driven (IP) training: a target image, its caption or instruction, and one
-or more control (reference) images (docs/edit_ip.md).
-
-Folders (like other trainers' ``control_path`` / ``control_paths``): every control folder holds one image per
-target with the same relative name, any image extension::
-
-    edits/target/cat.jpg  edits/target/cat.txt      target and instruction
-    edits/source/cat.png                            its control image
-
-WebDataset shards: a sample's ``ref0.<ext>``, ``ref1.<ext>``, … members are its references, in index order.
-
-Control images are never cropped to the target's aspect: each is resized by the official K rule
-(:func:`hidream_ft.model.references.reference_pixel_size`, then ``resize_pilimage``), so its size follows from
-its header size, the target bucket and K alone. Samples are grouped by (bucket, reference sizes) before
-anything is decoded, so that every micro-batch holds one shape.
-"""
+"""Paired samples for edit and subject-driven (IP) training: a target, its caption or instruction, and its
+control (reference) images from control folders or a shard sample's ``refN`` members (docs/edit_ip.md)."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -28,25 +13,16 @@ import numpy as np
 
 from hidream_ft.config import ConfigError, DataConfig, FolderSource
 from hidream_ft.data.buckets import Bucket, Stage
-from hidream_ft.data.folders import FolderItem, resolved_folder, sample_key
-from hidream_ft.data.images import IMAGE_EXTENSIONS, BadImage, decode_rgb, probe_size
+from hidream_ft.data.folders import resolved_folder, sample_key, walk_folder
+from hidream_ft.data.images import IMAGE_EXTENSIONS, BadImage, ImageTooLarge, decode_rgb, probe_size
+from hidream_ft.data.items import Controls, FolderItem
 from hidream_ft.data.samples import Sample
 from hidream_ft.data.stats import record
-from hidream_ft.model.references import (
-    MAX_REFERENCES, reference_pixel_size, resize_pilimage, resized_size, to_tensor,
-)
+from hidream_ft.errors import UserError
+from hidream_ft.model.conditioning import MAX_REFERENCES, reference_pixel_size, resize_pilimage, resized_size
+from hidream_ft.model.patches import pixels_from_image
 
 _REFERENCE_MEMBER = re.compile(r"^ref(\d+)\.(\w+)$")
-
-
-@dataclass(frozen=True)
-class Controls:
-    """The control (reference) images of one target, in reference order."""
-
-    sources: tuple[str | bytes, ...]  # file paths (folders) or encoded images (shards)
-    names: tuple[str, ...]  # for messages
-    sizes: tuple[tuple[int, int], ...]  # (width, height) as displayed, from the headers
-    task: str  # "edit" or "ip"
 
 
 def default_task(num_references: int) -> str:
@@ -70,13 +46,8 @@ def reference_sizes(control_sizes: tuple[tuple[int, int], ...], bucket: Bucket) 
 def index_controls(control_dir: Path) -> dict[str, str]:
     """Sample key (relative path without extension, as for targets) → image path, for one control folder."""
     index = {}
-    for directory, subdirs, files in os.walk(control_dir, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith(".") or "." not in name or name.rpartition(".")[2].lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = Path(directory, name)
-            index.setdefault(sample_key(PurePosixPath(path.relative_to(control_dir).as_posix())), str(path))
+    for path in walk_folder(control_dir)[0]:
+        index.setdefault(sample_key(PurePosixPath(path.relative_to(control_dir).as_posix())), str(path))
     return index
 
 
@@ -196,7 +167,7 @@ def reference_members(raw: dict) -> list[str]:
     return [found[i] for i in range(len(found))]
 
 
-class BadControls(ValueError):
+class BadControls(UserError, ValueError):
     """A shard sample's references are unusable; ``reason`` is its data counter."""
 
     def __init__(self, reason: str, message: str):
@@ -231,7 +202,8 @@ def shard_controls(raw: dict, meta: dict, name: str) -> Controls | None:
 def with_references(sample: Sample | None, controls: Controls | None, bucket: Bucket, cfg: DataConfig,
                     counts: Counter) -> Sample | None:
     """Complete a target ``sample``: its task, its task-weighted loss weight and its references, decoded and
-    sized for ``bucket`` by the K rule. None (counted as ``corrupt_image``) when a control cannot be decoded."""
+    sized for ``bucket`` by the K rule. None when a control cannot be decoded (counted as ``corrupt_image``) or
+    is larger than ``data.max_image_pixels`` (``too_large_skipped``), as for targets."""
     if sample is None:
         return None
     sample.task = "t2i" if controls is None else controls.task
@@ -242,10 +214,13 @@ def with_references(sample: Sample | None, controls: Controls | None, bucket: Bu
     references = []
     for source, name in zip(controls.sources, controls.names):
         try:
-            image = decode_rgb(source, counts, name)
+            image = decode_rgb(source, counts, name, max_pixels=cfg.max_image_pixels)
+        except ImageTooLarge as e:
+            record(counts, "too_large_skipped", str(e))
+            return None
         except BadImage as e:
             record(counts, "corrupt_image", str(e))
             return None
-        references.append(to_tensor(resize_pilimage(image, size)))
+        references.append(pixels_from_image(resize_pilimage(image, size)))
     sample.references = references
     return sample

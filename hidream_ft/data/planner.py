@@ -1,14 +1,5 @@
 """Which images form which micro-batch, for finite (folder) data: a pure function of seed and position.
-
-Every epoch is one seeded permutation of all entries (an image with ``num_repeats = 3`` has three entries).
-Entries are drawn in that order into per-bucket queues; a queue that reaches the batch size becomes a
-micro-batch, and when the epoch's entries run out the remaining queues leave as smaller micro-batches, so
-every entry is used exactly once per epoch. The position — epoch, next entry, entries still queued — is tiny
-and fully describes the planner, which makes saving and resuming exact.
-
-All ranks run the same planner and take disjoint slices of its output, so the position is the same on every
-rank and stays valid if the world size or gradient accumulation changes between runs.
-"""
+Every entry is used exactly once per epoch; the position is tiny and the same on every rank (docs/data.md)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import torch
 from hidream_ft.config import DataConfig
 from hidream_ft.data.buckets import Bucket
 from hidream_ft.data.captions import build_caption
-from hidream_ft.data.images import BadImage, render_image
+from hidream_ft.data.images import BadImage, ImageTooLarge, render_image
 from hidream_ft.data.stats import record
 
 
@@ -21,8 +21,8 @@ class Sample:
     caption: str  # trigger, tag shuffle and caption dropout already applied
     key: str
     weight: float = 1.0  # per-sample loss weight (metadata "weight")
-    task: str = "t2i"
-    references: list[torch.Tensor] = field(default_factory=list)  # reserved for edit / IP-adapter samples
+    task: str = "t2i"  # "t2i", "edit" or "ip"
+    references: list[torch.Tensor] = field(default_factory=list)  # edit / IP: [3, h, w] in [-1, 1], in order
     # Seeds this draw's σ and ε: fixed by seed and data position, so noise survives resumes and resharding.
     noise_seed: int = 0
 
@@ -44,11 +44,15 @@ def make_sample(
     seed_parts: tuple,
     counts: Counter,
 ) -> Sample | None:
-    """The sample for one image, or None (counted as ``corrupt_image``) when it cannot be decoded. Crop and
-    caption draw from separate generators so that changing a caption setting leaves the crops alone."""
+    """The sample for one image, or None when it cannot be decoded (counted as ``corrupt_image``) or is larger
+    than ``data.max_image_pixels`` (``too_large_skipped``). Crop and caption draw from separate generators so
+    that changing a caption setting leaves the crops alone."""
     offset = rng_for("crop", *seed_parts).random() if cfg.crop == "random" else 0.5
     try:
-        pixels = render_image(source, bucket, offset, counts, name)
+        pixels = render_image(source, bucket, offset, counts, name, cfg.max_image_pixels)
+    except ImageTooLarge as e:
+        record(counts, "too_large_skipped", str(e))
+        return None
     except BadImage as e:
         record(counts, "corrupt_image", str(e))
         return None

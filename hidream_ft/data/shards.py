@@ -1,18 +1,5 @@
-"""Streaming micro-batches from WebDataset tar shards (local paths, brace patterns or any URL WebDataset opens).
-
-Each (rank, stream) pair reads an endless, seeded sequence of *rounds*: round k is one shard drawn with
-replacement by ``webdataset.ResampledShards`` and read through a seeded ``webdataset.shuffle`` buffer. So no
-rank ever runs out and none depends on how many shards there are (the classic WebDataset traps: "fewer shards
-than workers" errors, and uneven shard counts per rank hanging the last step of an epoch).
-
-Samples wait in per-bucket queues as raw bytes (decoded only when their micro-batch leaves) until a queue
-holds a micro-batch; a sample still queued at the end of the round after its own leaves in a possibly smaller
-micro-batch. A stream's position is therefore (round, samples drawn in it, queued samples as (round, offset)),
-and a resume re-reads at most the previous and the current shard to restore it exactly.
-
-Stream ``s`` produces every num_streams-th micro-batch of its rank, starting at ``s``; with DataLoader workers
-taking turns in order, that fixes which step each micro-batch belongs to, hence its resolution stage.
-"""
+"""Streaming micro-batches from WebDataset tar shards (local paths, brace patterns or any URL WebDataset opens):
+endless seeded streams of shards drawn with replacement, with an exactly restorable position (docs/data.md)."""
 
 from __future__ import annotations
 
@@ -28,13 +15,30 @@ import webdataset as wds
 from hidream_ft.config import DataConfig
 from hidream_ft.data.buckets import Stage, assign_buckets, stage_at
 from hidream_ft.data.captions import decode_caption
+from hidream_ft.data.errors import DataError
 from hidream_ft.data.images import IMAGE_EXTENSIONS, BadImage, probe_size
-from hidream_ft.data.paired import BadControls, Controls, reference_sizes, shard_controls, with_references
+from hidream_ft.data.items import Controls
+from hidream_ft.data.paired import BadControls, reference_sizes, shard_controls, with_references
 from hidream_ft.data.samples import Sample, make_sample, rng_for
 from hidream_ft.data.stats import record
 
 # Rounds in a row without a single readable sample before a stream stops with an error instead of spinning.
 _EMPTY_ROUNDS_LIMIT = 16
+# Samples in a row that a stream reads and leaves out (by a policy, or undecodable) before it stops with an
+# error: far beyond any run of bad luck in data that has usable samples at all, and seconds of reading.
+_LEFT_OUT_LIMIT = 1000
+# What to change when every sample is left out for a reason.
+_FIXES = {
+    "too_small_skipped": "the images are smaller than their buckets; lower data.area (or the stage's area or "
+                         "buckets) or set data.small_images = 'upscale'",
+    "caption_missing_skipped": "no sample has a caption where data.shard_captions looks ({sources}); name the "
+                               "member or .json field that holds them, or set data.missing_caption = 'empty'",
+    "no_image_skipped": "no sample has a ." + "/.".join(IMAGE_EXTENSIONS) + " member (see the sample_split "
+                        "warnings if the tar's members are not grouped by sample)",
+    "corrupt_image": "the images cannot be decoded",
+}
+# Samples read from the first shard at start, to warn about captions and tar layout and estimate buckets.
+SURVEY_SAMPLES = 200
 
 
 def expand_shards(patterns: list[str]) -> list[str]:
@@ -58,7 +62,7 @@ def fresh_cursor(stream: int, first_output: int, num_streams: int) -> dict:
 
 
 def _sample_metadata(data: bytes | None, counts: Counter, name: str) -> dict:
-    """The sample's ``.json`` (size, weight) or {} when absent or not a JSON object."""
+    """The sample's ``.json`` (weight, task, caption fields) or {} when absent or not a JSON object."""
     if data is None:
         return {}
     try:
@@ -69,6 +73,31 @@ def _sample_metadata(data: bytes | None, counts: Counter, name: str) -> dict:
         record(counts, "metadata_invalid", f"{name}.json: not a JSON object; ignored")
         return {}
     return meta
+
+
+def shard_caption(raw: dict, meta: dict, sources: list[str], counts: Counter, name: str) -> str:
+    """The first non-blank caption of ``sources`` (``data.shard_captions``): member suffixes such as ``txt``,
+    or ``json:FIELD`` for a field of the sample's ``.json``; "" when none has one."""
+    for source in sources:
+        if source.startswith("json:"):
+            text = meta.get(source.removeprefix("json:"))
+            caption = text.strip() if isinstance(text, str) else ""
+        else:
+            suffix = source.lstrip(".")
+            caption = decode_caption(raw[suffix], counts, f"{name}.{suffix}") if suffix in raw else ""
+        if caption:
+            return caption
+    return ""
+
+
+def _image_suffix(raw: dict) -> str | None:
+    return next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+
+
+def _split_warning(url: str, what: str) -> str:
+    return (f"{url}: {what}: the tar's members are not grouped by sample (a plain `tar cf` "
+            "of a folder), so images, captions and .json are read apart; rebuild it with `tar --sort=name -cf "
+            "SHARD.tar -C FOLDER .` or `python -m hidream_ft.data.pack`")
 
 
 @dataclass
@@ -108,6 +137,8 @@ class StreamReader:
         self.stage = self._stage_of_next_output()
         self.queued: list[_Queued] = []  # in draw order
         self.round, self.drawn = self.cursor["round"], self.cursor["offset"]
+        self.round_keys: set[str] = set()  # keys read in the current shard, to notice split samples
+        self.left_out: Counter = Counter()  # reasons of the samples left out since the last one used
 
     def _stage_of_next_output(self) -> Stage:
         return stage_at(self.stages, self.next_output // self.grad_accum)
@@ -141,40 +172,66 @@ class StreamReader:
         empty_rounds = 0
         for round_index, url in self._rounds(min([resume_at[0]] + [r for r, _ in restore])):
             self.round, self.drawn = round_index, 0
+            self.round_keys.clear()
+            if (round_index, 0) >= resume_at:
+                record(self.counts, "shards_read")
             for offset, raw in enumerate(self._round_samples(round_index, url)):
                 self.drawn = offset + 1
                 if (round_index, offset) < resume_at:  # read before the resume: only restore the queue
+                    self._note_key(raw, Counter())
                     if (round_index, offset) in restore:
                         self._enqueue(raw, round_index, offset, Counter())  # its events were counted before
                     continue
+                record(self.counts, "samples_read")
+                self._note_key(raw, self.counts)
                 self._enqueue(raw, round_index, offset, self.counts)
                 yield from self._leave_full()
             yield from self._leave_older_than(round_index)
             empty_rounds = 0 if self.drawn else empty_rounds + 1
             if empty_rounds >= _EMPTY_ROUNDS_LIMIT:
-                raise RuntimeError(
+                raise DataError(
                     f"data.shards: {empty_rounds} shards in a row gave no readable sample (last: {url}); "
                     "see the shard_read_error warnings"
                 )
 
+    def _note_key(self, raw: dict, counts: Counter) -> None:
+        """Count a sample whose key was read before in this shard: WebDataset groups consecutive members only."""
+        key = raw["__key__"]
+        if key in self.round_keys:
+            record(counts, "sample_split", _split_warning(raw.get("__url__"), f"key {key!r} appears twice"))
+        self.round_keys.add(key)
+
+    def _leave_out(self, counts: Counter, reason: str, detail: str = "") -> None:
+        record(counts, reason, detail)
+        self._left_out(reason)
+
+    def _left_out(self, reason: str) -> None:
+        """Note one more sample left out since the last one used; stop the run when that is all it reads."""
+        self.left_out[reason] += 1
+        if self.left_out.total() >= _LEFT_OUT_LIMIT:
+            reasons = ", ".join(f"{reason} {count}" for reason, count in self.left_out.most_common())
+            fix = _FIXES.get(self.left_out.most_common(1)[0][0], "see the data warnings above")
+            raise DataError(
+                f"data.shards: the last {self.left_out.total()} samples read were all left out and none was "
+                f"used ({reasons}): {fix.format(sources=', '.join(self.cfg.shard_captions))}"
+            )
+
     def _enqueue(self, raw: dict, round_index: int, offset: int, counts: Counter) -> None:
         name = f"{raw.get('__url__')}:{raw.get('__key__')}"
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        image_ext = _image_suffix(raw)
         if image_ext is None:
-            record(counts, "no_image_skipped", f"{name}: no .{'/.'.join(IMAGE_EXTENSIONS)} member")
+            self._leave_out(counts, "no_image_skipped", f"{name}: no .{'/.'.join(IMAGE_EXTENSIONS)} member")
             return
         meta = _sample_metadata(raw.get("json"), counts, name)
-        width, height = meta.get("width"), meta.get("height")
-        if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
-            try:  # shards not written by our packer: read the size from the image header
-                width, height = probe_size(raw[image_ext], name)
-            except BadImage as e:
-                record(counts, "corrupt_image", str(e))
-                return
-        caption = decode_caption(raw["txt"], counts, f"{name}.txt") if "txt" in raw else ""
+        try:  # from the header, not the .json: img2dataset's sizes are before EXIF rotation
+            width, height = probe_size(raw[image_ext], name)
+        except BadImage as e:
+            self._leave_out(counts, "corrupt_image", str(e))
+            return
+        caption = shard_caption(raw, meta, self.cfg.shard_captions, counts, name)
         if not caption:
             if self.cfg.missing_caption == "skip":
-                record(counts, "caption_missing_skipped", f"{name}: no caption (missing_caption = 'skip')")
+                self._leave_out(counts, "caption_missing_skipped", f"{name}: no caption (missing_caption = 'skip')")
                 return
             record(counts, "caption_missing_empty", f"{name}: no caption, training it with the empty prompt")
         weight = meta.get("weight", 1.0)
@@ -182,7 +239,7 @@ class StreamReader:
         try:
             controls = shard_controls(raw, meta, name)
         except BadControls as e:
-            record(counts, e.reason, str(e))
+            self._leave_out(counts, e.reason, str(e))
             return
         entry = _Queued(round_index, offset, raw["__key__"], name, raw[image_ext], caption, weight, width, height,
                         controls)
@@ -193,7 +250,9 @@ class StreamReader:
         """Bucket ``entry`` under the current stage; False when the stage skips it as too small."""
         index, upscale = assign_buckets([entry.width], [entry.height], list(self.stage.buckets))
         if upscale[0] and self.cfg.small_images == "skip":
-            record(counts, "too_small_skipped")
+            bucket = self.stage.buckets[int(index[0])]
+            self._leave_out(counts, "too_small_skipped", f"{entry.name}: {entry.width}×{entry.height} is smaller "
+                            f"than its bucket {bucket[0]}×{bucket[1]} (small_images = 'skip')")
             return False
         entry.bucket = int(index[0])
         bucket = self.stage.buckets[entry.bucket]
@@ -229,12 +288,18 @@ class StreamReader:
 
     def _decode(self, members: list[_Queued]) -> list[Sample | None]:
         bucket = self.stage.buckets[members[0].bucket]
-        return [
+        samples = [
             with_references(make_sample(e.image, e.name, e.key, e.caption, e.weight, bucket, self.cfg,
                                         self._seed_parts(e.round, e.offset), self.counts),
                             e.controls, bucket, self.cfg, self.counts)
             for e in members
         ]
+        for sample in samples:
+            if sample is None:
+                self._left_out("corrupt_image")
+            else:
+                self.left_out.clear()
+        return samples
 
     def _remove(self, members: list[_Queued]) -> None:
         gone = {id(e) for e in members}
@@ -259,7 +324,7 @@ class StreamReader:
 MANIFEST_NAME = "manifest.json"
 
 
-def _local_path(url: str) -> Path | None:
+def local_shard_path(url: str) -> Path | None:
     if url.startswith("file:"):
         return Path(url.removeprefix("file:"))
     return None if "://" in url or url.startswith("pipe:") else Path(url)
@@ -271,7 +336,7 @@ def read_manifest_sizes(urls: list[str]) -> dict[tuple[int, int], int] | None:
     manifests: dict[Path, dict] = {}
     sizes: Counter = Counter()
     for url in urls:
-        path = _local_path(url)
+        path = local_shard_path(url)
         manifest = path.parent / MANIFEST_NAME if path is not None else None
         if manifest is None or not manifest.is_file():
             return None
@@ -284,3 +349,53 @@ def read_manifest_sizes(urls: list[str]) -> dict[tuple[int, int], int] | None:
             width, height = map(int, size.split("x"))
             sizes[(width, height)] += count
     return dict(sizes)
+
+
+@dataclass
+class ShardSurvey:
+    """The first samples of one shard, read at start: to warn early about missing captions and split samples,
+    and to estimate the bucket histogram of shards without a manifest."""
+
+    url: str
+    samples: int = 0
+    captioned: int = 0
+    split: int = 0  # samples whose key was read before in the shard
+    suffixes: Counter = field(default_factory=Counter)  # member suffixes seen, for the caption warning
+    sizes: Counter = field(default_factory=Counter)  # displayed (width, height) of the readable images
+
+    def warnings(self, caption_sources: list[str]) -> list[str]:
+        found = ", ".join(sorted(self.suffixes))
+        problems = []
+        if self.samples and self.captioned * 2 < self.samples:
+            problems.append(
+                f"{self.samples - self.captioned} of the first {self.samples} samples of {self.url} have no caption "
+                f"where data.shard_captions looks ({', '.join(caption_sources)}; members found: {found}); they train "
+                "with the empty prompt (missing_caption = 'empty') or are left out ('skip'): set "
+                "data.shard_captions to the member or .json field that holds the captions"
+            )
+        if self.split:
+            problems.append(_split_warning(self.url, f"{self.split} of the first {self.samples} samples repeat "
+                                                     "an earlier key"))
+        return problems
+
+
+def survey_shard(url: str, caption_sources: list[str], limit: int = SURVEY_SAMPLES) -> ShardSurvey:
+    """Read up to ``limit`` samples of ``url`` (fewer, without an error, when it cannot be read)."""
+    survey = ShardSurvey(url)
+    keys: set[str] = set()
+    quiet: Counter = Counter()  # the training streams count and report these samples' events
+    for raw in itertools.islice(wds.tarfile_samples([{"url": url}], handler=wds.ignore_and_stop), limit):
+        survey.samples += 1
+        survey.split += raw["__key__"] in keys
+        keys.add(raw["__key__"])
+        survey.suffixes.update(key for key in raw if not key.startswith("__"))
+        name = f"{url}:{raw['__key__']}"
+        survey.captioned += bool(shard_caption(raw, _sample_metadata(raw.get("json"), quiet, name),
+                                               caption_sources, quiet, name))
+        image_ext = _image_suffix(raw)
+        if image_ext is not None:
+            try:
+                survey.sizes[probe_size(raw[image_ext], name)] += 1
+            except BadImage:
+                pass  # counted when a stream reads it
+    return survey

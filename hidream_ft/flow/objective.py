@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import torch
 
-def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    """The flow-matching resolution shift σ' = s·σ / (1 + (s - 1)·σ); shift 1 is the identity."""
-    if shift == 1.0:
-        return sigmas
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
+from hidream_ft.flow.noise import NOISE_SCALE, shift_sigmas
 
 
 def sample_sigmas(
@@ -58,10 +54,17 @@ def draw_sigmas_and_noise(
     return torch.cat(sigmas), torch.stack(noise)
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, noise_scale: float = 8.0) -> torch.Tensor:
-    """z_σ = (1 - σ)·x0 + σ·noise_scale·ε with one σ per sample (broadcast over tokens and channels)."""
-    s = sigmas.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
-    return (1 - s) * x0 + s * noise_scale * noise
+def add_noise(
+    x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, noise_scale: float = NOISE_SCALE
+) -> torch.Tensor:
+    """z_σ = (1 - σ)·x0 + σ·noise_scale·ε with one σ per sample (broadcast over tokens and channels).
+
+    The coefficients 1 - σ and σ·noise_scale are computed in the wider of σ's and x0's dtypes and rounded once
+    to x0's dtype, so a float64 σ (a sampler step) gives exactly the Python-float arithmetic of the official
+    sampler.
+    """
+    s = sigmas.to(torch.promote_types(sigmas.dtype, x0.dtype)).view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s).to(x0.dtype) * x0 + (s * noise_scale).to(x0.dtype) * noise
 
 
 def model_timestep(sigmas: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hidream_ft.flow.objective import shift_sigmas
+from hidream_ft.flow.noise import shift_sigmas
 
 NUM_TRAIN_TIMESTEPS = 1000
 SCHEDULERS = ("unipc", "flow_match", "flash")
@@ -70,7 +70,8 @@ def flow_match_schedule(steps: int, shift: float) -> Schedule:
 
 
 def list_schedule(timesteps) -> Schedule:
-    """An explicit timestep list (e.g. :data:`DEFAULT_TIMESTEPS`): σ = timestep/1000, then 0; no shift."""
+    """An explicit timestep list (e.g. :data:`DEFAULT_TIMESTEPS`): σ = timestep/1000 rounded to float32 (the
+    official scheduler stores it as a float32 tensor), then 0; no shift."""
     values = [float(t) for t in timesteps]
     if not values:
         raise ValueError("the timestep list is empty")
@@ -78,7 +79,7 @@ def list_schedule(timesteps) -> Schedule:
         raise ValueError(f"timesteps must lie in (0, {NUM_TRAIN_TIMESTEPS}], got {values}")
     if any(b >= a for a, b in zip(values, values[1:])):
         raise ValueError(f"timesteps must be strictly decreasing, got {values}")
-    return Schedule(tuple(values), tuple(t / NUM_TRAIN_TIMESTEPS for t in values) + (0.0,))
+    return Schedule(tuple(values), tuple(float(np.float32(t / NUM_TRAIN_TIMESTEPS)) for t in values) + (0.0,))
 
 
 def build_schedule(scheduler: str, steps: int, shift: float, timesteps=()) -> Schedule:

@@ -2,7 +2,7 @@
 training-time validation images (docs/sampling.md)."""
 
 from hidream_ft.inference.grid import GridColumn, compose_grid, render_grid
-from hidream_ft.lora.hooks import lora_applied, parse_lora_spec
+from hidream_ft.lora import lora_applied, parse_lora_spec
 from hidream_ft.inference.pipeline import generate, guided_velocity, initial_noise, predict_x0, prompt_inputs
 from hidream_ft.flow.schedules import DEFAULT_TIMESTEPS, Schedule, build_schedule
 from hidream_ft.config.sampling import RECIPES, SamplingSettings

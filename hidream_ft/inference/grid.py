@@ -1,9 +1,5 @@
 """Comparison grids: rows = prompts (or reference × prompt for edit / IP), columns = model configurations
-(base, LoRA A, LoRA A+B, …).
-
-Every cell uses the same sampling settings and seed, so the columns differ only by their adapters. The grid
-is a PNG with the column labels in a header band and the prompts in a left band (PIL's default font).
-"""
+(base, LoRA A, LoRA A+B, …), every cell with the same settings and seed, as one labelled PNG."""
 
 from __future__ import annotations
 
@@ -15,12 +11,11 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from tqdm.auto import tqdm
 
-from hidream_ft.lora.adapter import LoraAdapter
-from hidream_ft.lora.hooks import lora_applied
+from hidream_ft.lora import LoraAdapter, lora_applied
 from hidream_ft.inference.pipeline import generate
 from hidream_ft.config.sampling import SamplingSettings
 from hidream_ft.model.layout import SpecialTokens
-from hidream_ft.model.references import ReferenceImages
+from hidream_ft.inference.references import ReferenceImages
 
 BACKGROUND, INK = (255, 255, 255), (0, 0, 0)
 

@@ -1,13 +1,6 @@
-"""Solver step math for the flow path z_σ = (1 - σ)·x0 + σ·s·ε (docs/sampling.md, "Schedulers").
-
-Every solver is driven the same way: at step i it receives the current state z (at σ_i) and the ODE
-derivative dz/dσ = (z - x̂0)/σ (CFG already applied) and returns z at σ_{i+1}. The per-step math lives in
-pure functions; the classes only keep the history a multistep method needs.
-
-UniPC here is the variant of the official default scheduler: multistep, order 2, "bh2", predicting x0, on the
-flow parameterisation α = 1 - σ with log-SNR λ = log(α/σ), a lower order on the first and last steps, and the
-UniC corrector applied at every step after the first.
-"""
+"""Solvers of the flow path z_σ = (1 - σ)·x0 + σ·s·ε: step i takes z at σ_i and dz/dσ (CFG applied) and
+returns z at σ_{i+1}. The step math is in pure functions; the classes keep a multistep method's history
+(docs/sampling.md, "Solvers")."""
 
 from __future__ import annotations
 
@@ -39,8 +32,13 @@ def clip_noise(noise: torch.Tensor, clip_std: float) -> torch.Tensor:
 
 
 def flash_step(x0: torch.Tensor, noise: torch.Tensor, sigma_next: float, noise_scale: float) -> torch.Tensor:
-    """The Dev model's x0 re-noising step: z_next = σ_next·s·ε' + (1 - σ_next)·x0 with fresh noise ε'."""
-    return sigma_next * noise_scale * noise.float() + (1.0 - sigma_next) * x0.float()
+    """The Dev model's x0 re-noising step: the flow path at σ_next with fresh noise ε'.
+
+    Not :func:`hidream_ft.flow.objective.add_noise`: the official scheduler holds σ as a float32 tensor and multiplies (σ·ε')·s, and
+    this step repeats that arithmetic so that its result is bitwise the official one.
+    """
+    sigma = torch.tensor(sigma_next, dtype=torch.float32, device=x0.device)
+    return sigma * noise.float() * noise_scale + (1.0 - sigma) * x0.float()
 
 
 def flow_lambda(sigma: float) -> float:
@@ -134,7 +132,7 @@ class EulerSolver(Solver):
 
 
 class FlashSolver(Solver):
-    """x0 re-noising with fresh noise from ``generator`` (CPU, so every device and rank draws the same)."""
+    """x0 re-noising with fresh noise drawn from ``generator``, on its device."""
 
     def __init__(self, schedule: Schedule, generator: torch.Generator, noise_scales: list[float], clip_std: float):
         super().__init__(schedule)
@@ -146,7 +144,8 @@ class FlashSolver(Solver):
 
     def step(self, index, z, dz_dsigma):
         x0 = x0_from_derivative(z, dz_dsigma, self.sigmas[index])
-        noise = torch.randn(z.shape, generator=self.generator, dtype=torch.float32).to(z.device)
+        noise = torch.randn(z.shape, generator=self.generator, dtype=torch.float32, device=self.generator.device)
+        noise = noise.to(z.device)
         noise = clip_noise(noise, self.clip_std)
         return flash_step(x0, noise, self.sigmas[index + 1], self.noise_scales[index]).to(z.dtype)
 

@@ -1,10 +1,5 @@
-"""Validation images during training: render on every rank, log on rank 0.
-
-With an FSDP-sharded model every forward is a collective (parameters are all-gathered layer by layer), so
-:func:`render_validation` must be called on **all** ranks with identical arguments: it draws its noise from
-its own CPU generators (never the global RNG, never rank-dependent), so every rank runs exactly the same
-sequence of forwards. Only rank 0, which owns the SummaryWriter, then calls :func:`log_validation`.
-"""
+"""Validation images during training: :func:`render_validation` on every rank with identical arguments (an
+FSDP forward is a collective), :func:`log_validation` on rank 0 (docs/sampling.md)."""
 
 from __future__ import annotations
 
@@ -15,7 +10,6 @@ from torch import nn
 
 from hidream_ft.config import ValidationConfig
 from hidream_ft.inference.pipeline import generate
-from hidream_ft.config.sampling import SamplingSettings
 from hidream_ft.model.layout import SpecialTokens
 
 TAG_PREFIX = "validation"
@@ -29,11 +23,10 @@ def render_validation(
     Runs in eval mode under ``torch.no_grad`` and restores every submodule's train/eval flag afterwards;
     the caller's RNG state is untouched, so training continues exactly as without validation.
     """
-    settings = SamplingSettings.from_fields(cfg)
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        return [(prompt, generate(model, tokenizer, tokens, prompt, settings, device)) for prompt in cfg.prompts]
+        return [(prompt, generate(model, tokenizer, tokens, prompt, cfg, device)) for prompt in cfg.prompts]
     finally:
         for module, training in modes.items():
             module.training = training

@@ -1,2 +1,41 @@
-"""Everything LoRA: training targets, the canonical adapter type, key styles, file formats and the
-sampling-time hooks."""
+"""Everything LoRA: the canonical adapter type, key styles, file formats, sampling-time hooks and (in
+:mod:`hidream_ft.lora.targets`) what a training run adapts. Formats and key examples: docs/export.md."""
+
+import sys
+
+
+def _import_peft_without_bitsandbytes() -> None:
+    """Import peft while bitsandbytes looks absent. peft imports bitsandbytes whenever it is installed, which
+    costs seconds and prints warnings about GPU kernels, for quantised layers that no adapter here uses; only
+    the 8-bit optimizer needs bitsandbytes and imports it itself (hidream_ft.optim.adamw8bit)."""
+    if "peft" in sys.modules or "bitsandbytes" in sys.modules:
+        return
+    sys.modules["bitsandbytes"] = None  # makes both `import bitsandbytes` and find_spec report it missing
+    try:
+        from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+
+        # peft asks again when it injects adapters; its answers are cached, so they stay "absent".
+        is_bnb_available()
+        is_bnb_4bit_available()
+    finally:
+        del sys.modules["bitsandbytes"]
+
+
+_import_peft_without_bitsandbytes()
+
+from hidream_ft.lora.adapter import (
+    LoraAdapter, LoraModule, attach_adapter, check_fits, parse_lora_spec, peft_lora_config, stack_adapters,
+)
+from hidream_ft.lora.errors import ConvertError
+from hidream_ft.lora.formats import (
+    adapter_from_peft_state, describe, lora_metadata, read_lora_file, read_peft_dir, write_lora, write_peft_dir,
+)
+from hidream_ft.lora.hooks import lora_applied, lora_label
+from hidream_ft.lora.keys import STYLES, WRITABLE_STYLES, KeyStyle, module_regex, parse_lora_keys
+
+__all__ = [
+    "ConvertError", "KeyStyle", "LoraAdapter", "LoraModule", "STYLES", "WRITABLE_STYLES", "adapter_from_peft_state",
+    "attach_adapter", "check_fits", "describe", "lora_applied", "lora_label", "lora_metadata", "module_regex",
+    "parse_lora_keys", "parse_lora_spec", "peft_lora_config", "read_lora_file", "read_peft_dir", "stack_adapters",
+    "write_lora", "write_peft_dir",
+]

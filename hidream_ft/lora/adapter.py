@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hidream_ft.lora.errors import ConvertError, listing
-from hidream_ft.lora.keys import DOWN, SLOT, STYLES, UP, template_of
+from hidream_ft.errors import listing
+from hidream_ft.lora.errors import ConvertError
+from hidream_ft.lora.keys import DOWN, STYLES, UP, module_regex
 
 
 @dataclass
@@ -87,6 +88,32 @@ class LoraAdapter:
         modules = {p: LoraModule(m.down.to(dtype), m.up.to(dtype), m.alpha) for p, m in self.modules.items()}
         return LoraAdapter(modules, self.use_rslora, dict(self.metadata))
 
+    def peft_config(self, base_model_name_or_path: str | None = None):
+        """A ``peft.LoraConfig`` that rebuilds exactly these modules, ranks and scales: the most common rank
+        and alpha, the others per module."""
+        ranks = self.ranks()
+        alphas = {path: peft_alpha(m, self.use_rslora) for path, m in self.modules.items()}
+        rank, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
+        return peft_lora_config(
+            rank, alpha, use_rslora=self.use_rslora, target_modules=module_regex(sorted(self.modules)),
+            rank_pattern={re.escape(p): r for p, r in ranks.items() if r != rank},
+            alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != alpha},
+            base_model_name_or_path=base_model_name_or_path,
+        )
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """A command line's ``PATH`` or ``PATH:WEIGHT`` → (path, weight); the weight defaults to 1."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass  # a ':' inside the path itself
+    if not spec:
+        raise ConvertError("empty LoRA spec; expected PATH or PATH:WEIGHT")
+    return spec, 1.0
+
 
 def stack_adapters(weighted: Sequence[tuple[LoraAdapter, float]]) -> LoraAdapter:
     """One adapter equal to applying every (adapter, weight) at once, by concatenating along the rank.
@@ -114,50 +141,20 @@ def stack_adapters(weighted: Sequence[tuple[LoraAdapter, float]]) -> LoraAdapter
     return LoraAdapter(modules, use_rslora=False)
 
 
-def module_regex(paths: Sequence[str]) -> str:
-    r"""A regex that fully matches exactly these module paths, e.g. for the 7 projections of layers 0-2:
-
-        ^(?:model\.language_model\.layers\.(?:0|1|2)(?:\.mlp\.down_proj|…|\.self_attn\.v_proj))$
-
-    Paths sharing the part before their one layer number and the same set of numbers share an alternative;
-    paths with several numbered segments are listed one by one.
-    """
-    by_template: dict[str, list[str]] = defaultdict(list)
-    for path in sorted(paths):
-        by_template[template_of(path)].append(path)
-    alternatives = []
-    groups: dict[tuple[str, tuple[str, ...]], list[str]] = defaultdict(list)
-    for template, members in sorted(by_template.items()):
-        parts = template.split(".")
-        if parts.count(SLOT) != 1:
-            alternatives += [re.escape(p) for p in members]
-            continue
-        slot = parts.index(SLOT)
-        numbers = tuple(sorted({p.split(".")[slot] for p in members}, key=int))
-        tail = "".join(r"\." + re.escape(part) for part in parts[slot + 1:])
-        groups[(r"\.".join(re.escape(part) for part in parts[:slot]), numbers)].append(tail)
-    for (head, numbers), tails in sorted(groups.items()):
-        ending = tails[0] if len(tails) == 1 else "(?:" + "|".join(tails) + ")"
-        alternatives.append(rf"{head}\.(?:{'|'.join(numbers)}){ending}")
-    return "^(?:" + "|".join(alternatives) + ")$"
-
-
-def peft_lora_config(adapter: LoraAdapter, base_model_name_or_path: str | None = None):
-    """A ``peft.LoraConfig`` that rebuilds this adapter's modules, ranks and scales exactly."""
+def peft_lora_config(rank: int, alpha: float, *, use_rslora: bool, target_modules: str, dropout: float = 0.0,
+                     rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
+                     base_model_name_or_path: str | None = None):
+    """The ``peft.LoraConfig`` of every LoRA this package builds: training targets and configs rebuilt from adapters."""
     from peft import LoraConfig
 
-    ranks = adapter.ranks()
-    alphas = {path: peft_alpha(m, adapter.use_rslora) for path, m in adapter.modules.items()}
-    rank, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
-        use_rslora=adapter.use_rslora,
-        target_modules=module_regex(list(adapter.modules)),
-        rank_pattern={re.escape(p): r for p, r in ranks.items() if r != rank},
-        alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != alpha},
-        lora_dropout=0.0,
-        bias="none",
+        use_rslora=use_rslora,
+        target_modules=target_modules,
+        rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
+        lora_dropout=dropout,
         base_model_name_or_path=base_model_name_or_path,
     )
 
@@ -184,7 +181,7 @@ def attach_adapter(model: nn.Module, adapter: LoraAdapter, adapter_name: str = "
     from peft import get_peft_model, set_peft_model_state_dict
 
     check_fits(adapter, {name: p.shape for name, p in model.named_parameters()}, "the model")
-    peft_model = get_peft_model(model, peft_lora_config(adapter), adapter_name=adapter_name)
+    peft_model = get_peft_model(model, adapter.peft_config(), adapter_name=adapter_name)
     result = set_peft_model_state_dict(peft_model, adapter.peft_state_dict(), adapter_name=adapter_name)
     missing = [k for k in result.missing_keys if ".lora_" in k]
     if missing or result.unexpected_keys:

@@ -8,21 +8,24 @@ Every file carries string metadata in its safetensors header (:func:`lora_metada
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from hidream_ft.lora.adapter import (
-    LoraAdapter, LoraModule, alpha_from_peft, lora_module, peft_alpha, peft_lora_config,
-)
-from hidream_ft.lora.errors import ConvertError, listing
+from hidream_ft.errors import listing
+from hidream_ft.lora.adapter import LoraAdapter, LoraModule, alpha_from_peft, lora_module, peft_alpha
+from hidream_ft.lora.errors import ConvertError
 from hidream_ft.lora.keys import ALPHA, DOWN, STYLES, UP, WRITABLE_STYLES, parse_lora_keys, template_of
+from hidream_ft.model.safetensors_io import open_safetensors, read_safetensors
 
+log = logging.getLogger("hidream_ft.lora")
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 META = "hidream_ft."
@@ -43,9 +46,9 @@ def read_lora_file(path: str | Path) -> LoraAdapter:
         raise ConvertError(f"{path}: no such file")
     if path.suffix != ".safetensors":
         raise ConvertError(f"{path}: only .safetensors LoRA files can be read")
-    with safe_open(str(path), "pt") as f:
+    with open_safetensors(path) as f:
         header = f.metadata() or {}
-    tensors = load_file(str(path))
+    tensors = read_safetensors(path)
 
     def alpha_tensor(module_path: str, parts: dict[str, str], rank: int) -> float | None:
         return tensors[parts[ALPHA]].item() if ALPHA in parts else None
@@ -56,9 +59,14 @@ def read_lora_file(path: str | Path) -> LoraAdapter:
 
 def _modules(tensors: dict[str, torch.Tensor], where: str,
              alpha_of: Callable[[str, dict[str, str], int], float | None]) -> dict[str, LoraModule]:
-    """Checked modules from LoRA tensors in any key style; ``alpha_of(path, keys, rank)`` gives each alpha."""
+    """Checked modules from LoRA tensors in any key style; ``alpha_of(path, keys, rank)`` gives each alpha.
+    Convolution LoRAs are left out with a one-line warning."""
+    parsed = parse_lora_keys(tensors, where)
+    if parsed.skipped:
+        log.warning("%s: skipping the LoRA of %s: only linear layers are supported (convolution LoRAs, e.g. "
+                    "musubi-tuner's conv_dim, are not applied)", where, listing(parsed.skipped))
     modules = {}
-    for module_path, parts in parse_lora_keys(tensors, where).parts.items():
+    for module_path, parts in parsed.parts.items():
         down, up = tensors[parts[DOWN]], tensors[parts[UP]]
         modules[module_path] = lora_module(module_path, down, up, alpha_of(module_path, parts, down.shape[0]), where)
     return modules
@@ -107,9 +115,9 @@ def read_peft_dir(path: str | Path) -> LoraAdapter:
         raise ConvertError(f"{config_file}: DoRA adapters cannot be written as plain LoRA files")
     if "lora_alpha" not in config:
         raise ConvertError(f"{config_file}: lora_alpha is missing")
-    with safe_open(str(weights_file), "pt") as f:
+    with open_safetensors(weights_file) as f:
         header = f.metadata() or {}
-    adapter = adapter_from_peft_state(load_file(str(weights_file)), config, str(weights_file))
+    adapter = adapter_from_peft_state(read_safetensors(weights_file), config, str(weights_file))
     adapter.metadata = {**adapter.metadata, **_provenance(header)}
     return adapter
 
@@ -142,15 +150,30 @@ def lora_metadata(adapter: LoraAdapter) -> dict[str, str]:
     return metadata
 
 
-def write_peft_dir(adapter: LoraAdapter, out: str | Path) -> Path:
-    """A directory ``PeftModel.from_pretrained`` loads onto HiDreamO1 or ``Qwen3VLForConditionalGeneration``."""
+def write_peft_dir(adapter: LoraAdapter, out: str | Path, peft_config=None) -> Path:
+    """A directory ``PeftModel.from_pretrained`` loads onto HiDreamO1 or ``Qwen3VLForConditionalGeneration``.
+
+    ``peft_config`` is the ``peft.LoraConfig`` to store (the trainer's keeps its target regex and dropout);
+    by default the one :meth:`LoraAdapter.peft_config` rebuilds. Both files are written next to ``out`` first
+    and then moved in, so an interrupted write never leaves a half-written adapter under ``out``.
+    """
     out = Path(out)
     if out.is_file():
         raise ConvertError(f"{out} is a file; the peft format writes a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    peft_lora_config(adapter, adapter.metadata.get(META + "base_model")).save_pretrained(str(out))
+    if peft_config is None:
+        peft_config = adapter.peft_config(adapter.metadata.get(META + "base_model"))
+    partial = out.resolve().with_name(f".{out.resolve().name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    peft_config.save_pretrained(str(partial))
     state = {k: v.contiguous() for k, v in adapter.peft_state_dict().items()}
-    save_file(state, str(out / PEFT_WEIGHTS), metadata=lora_metadata(adapter))
+    save_file(state, str(partial / PEFT_WEIGHTS), metadata=lora_metadata(adapter))
+    if not out.exists():
+        partial.rename(out)
+        return out
+    for name in (PEFT_WEIGHTS, PEFT_CONFIG):  # into an existing directory: file by file, each one atomic
+        os.replace(partial / name, out / name)
+    shutil.rmtree(partial)
     return out
 
 

@@ -1,4 +1,4 @@
-"""LoRAs at sampling time: ``PATH[:WEIGHT]`` specs, and adapters applied without touching the base weights.
+"""LoRAs at sampling time: adapters applied without touching the base weights, and their column labels.
 
 Adapters are applied as forward hooks that add Σ wᵢ·scaleᵢ·Bᵢ(Aᵢ x) to each targeted linear's output, so the
 base weights stay exact (no bf16 merge rounding), several adapters stack, and leaving the ``with`` block
@@ -17,19 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from hidream_ft.lora.adapter import LoraAdapter, check_fits, stack_adapters
-
-
-def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``path`` or ``path:weight`` → (path, weight); the weight defaults to 1."""
-    path, sep, weight = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass  # a ':' inside the path itself
-    if not spec:
-        raise ValueError("empty LoRA spec; expected PATH or PATH:WEIGHT")
-    return spec, 1.0
 
 
 def _add_low_rank(down: torch.Tensor, up: torch.Tensor, module: nn.Module, args, output: torch.Tensor):

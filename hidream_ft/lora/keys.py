@@ -5,10 +5,10 @@ Every style names a LoRA'd linear layer by its module path in the official Huggi
 model (without the leading ``model.``), with dots kept or turned into underscores, behind a prefix:
 
     peft      base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight
-    comfyui   diffusion_model.language_model.layers.0.self_attn.q_proj.lora_A.weight   (+ .alpha)
+    comfyui   diffusion_model.language_model.layers.0.self_attn.q_proj.lora_A.weight   (+ .alpha; ai-toolkit: none)
     kohya     lora_unet_language_model_layers_0_self_attn_q_proj.lora_down.weight     (+ .alpha)
     musubi    lora_unet_model_language_model_layers_0_self_attn_q_proj.lora_down.weight (+ .alpha)
-    ai-toolkit  transformer.language_model.layers.0.self_attn.q_proj.lora_A.weight
+    diffusers transformer.language_model.layers.0.self_attn.q_proj.lora_A.weight
     onetrainer  lora_transformer_language_model_layers_0_self_attn_q_proj.lora_down.weight (+ .alpha)
     diffsynth   model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight
 
@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 from torch import nn
 
-from hidream_ft.lora.errors import ConvertError, listing
+from hidream_ft.errors import listing
+from hidream_ft.lora.errors import ConvertError
 
 SLOT = "#"  # stands for a layer / block number in a module template
 DIFFUSION_ROOT = "model."  # the diffusion model inside the HF model; relative styles name paths below it
@@ -73,15 +74,84 @@ class ModuleIndex:
 
 @lru_cache(maxsize=1)
 def architecture_index() -> ModuleIndex:
-    """Linear-layer templates of HiDream-O1, from a tiny meta-device build: the module tree does not depend
-    on the model's sizes, and the tiny config builds in milliseconds."""
+    """Linear-layer templates of HiDream-O1 (see :func:`_toy_model`)."""
+    return ModuleIndex.from_model(_toy_model())
+
+
+@lru_cache(maxsize=1)
+def convolution_index() -> ModuleIndex:
+    """The convolutions of HiDream-O1 (the ViT's Conv3d patch embedding), which some trainers LoRA too."""
+    return ModuleIndex(name for name, module in _toy_model().named_modules()
+                       if isinstance(module, nn.modules.conv._ConvNd))
+
+
+@lru_cache(maxsize=1)
+def _toy_model() -> nn.Module:
+    """HiDream-O1 built on the meta device at toy sizes: the module tree does not depend on the sizes (two of
+    each numbered block suffice), and a toy config builds in milliseconds."""
     from transformers import Qwen3VLConfig
 
     from hidream_ft.model.loading import build_meta_model
-    from hidream_ft.testing.tiny import tiny_config_dict, tiny_tokenizer
 
-    config = Qwen3VLConfig.from_dict(tiny_config_dict(tiny_tokenizer(), text_layers=2))
-    return ModuleIndex.from_model(build_meta_model(config, tms_token_id=0))
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "rope_scaling": {"rope_type": "default", "mrope_interleaved": True, "mrope_section": [4, 2, 2]},
+        },
+        vision_config={
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1],
+        },
+    )
+    return build_meta_model(config, tms_token_id=0)
+
+
+def module_regex(paths: Sequence[str]) -> str:
+    r"""A PEFT ``target_modules`` regex that fully matches these module paths and no others. A path segment
+    ``#`` stands for any layer number. Paths that differ only in their one layer number share an alternative,
+    in the order the paths come, e.g. for two projections of layers 0-2 and a head:
+
+        ^(model\.language_model\.layers\.(?:0|1|2)\.(self_attn\.(q_proj|v_proj))|model\.x_embedder\.proj1)$
+
+    Paths with no or several numbered segments are listed one by one.
+    """
+    numbers: dict[str, dict[str, None]] = {}  # template with one number -> its numbers, in order (an ordered set)
+    for path in paths:
+        template = template_of(path).split(".")
+        if template.count(SLOT) == 1:
+            numbers.setdefault(".".join(template), {})[path.split(".")[template.index(SLOT)]] = None
+    # Each alternative: an escaped literal path (None), or a numbered head with {first tail segment: [rest]}.
+    alternatives: dict[str, dict[str, dict[str, None]] | None] = {}
+    for path in paths:
+        template = template_of(path)
+        if template not in numbers:
+            alternatives[re.escape(path)] = None
+            continue
+        parts = template.split(".")
+        slot = parts.index(SLOT)
+        found = numbers[template]
+        layer = r"\d+" if SLOT in found else "(?:" + "|".join(sorted(found, key=int)) + ")"
+        head = r"\.".join(map(re.escape, parts[:slot])) + r"\." + layer
+        tail = parts[slot + 1:]
+        branches = alternatives.setdefault(head, {})
+        branches.setdefault(tail[0] if tail else "", {})[".".join(tail[1:])] = None
+    rendered = []
+    for head, branches in alternatives.items():
+        if branches is None:
+            rendered.append(head)
+        else:
+            rendered.append(_then_one_of(head, [_then_one_of(re.escape(first), [re.escape(rest) for rest in rests])
+                                                if first else "" for first, rests in branches.items()]))
+    return "^(" + "|".join(rendered) + ")$"
+
+
+def _then_one_of(prefix: str, suffixes: list[str]) -> str:
+    """``prefix`` followed by "." and one of the (regex) suffixes; an empty suffix allows ``prefix`` alone."""
+    options = [suffix for suffix in suffixes if suffix]
+    if not options:
+        return prefix
+    return prefix + r"\.(" + "|".join(options) + ")" + ("?" if len(options) < len(suffixes) else "")
 
 
 DOWN, UP, ALPHA = "down", "up", "alpha"
@@ -93,6 +163,9 @@ _PART_NAMES = {"lora_A": DOWN, "lora_B": UP, "lora_down": DOWN, "lora_up": UP}
 
 def is_lora_key(key: str) -> bool:
     return _PART.match(key) is not None
+
+
+_LOKR = re.compile(r"\.lokr_(w[12](_[ab])?|t[12])$")  # LyCORIS LoKr factors (ai-toolkit's "lokr" networks)
 
 
 @dataclass(frozen=True)
@@ -139,7 +212,7 @@ STYLES = {
                  writable=True),
         KeyStyle("kohya", "lora_unet_", flat=True, relative=True, kohya_names=True, alpha="always", writable=True),
         KeyStyle("musubi", "lora_unet_", flat=True, relative=False, kohya_names=True, alpha="always", writable=True),
-        KeyStyle("ai-toolkit", "transformer.", flat=False, relative=True, kohya_names=False, alpha="none"),
+        KeyStyle("diffusers", "transformer.", flat=False, relative=True, kohya_names=False, alpha="none"),
         KeyStyle("onetrainer", "lora_transformer_", flat=True, relative=True, kohya_names=True, alpha="always"),
         KeyStyle("diffsynth", "", flat=False, relative=False, kohya_names=False, alpha="none",
                  adapter_infix=".default"),
@@ -154,7 +227,8 @@ def _style_of_stem(stem: str, index: ModuleIndex) -> tuple[KeyStyle, str]:
     for style in STYLES.values():
         if style.prefix and stem.startswith(style.prefix):
             name = stem[len(style.prefix):]
-            if style.name == "kohya" and index.lookup(name, flat=True) is not None:
+            if style.name == "kohya" and any(i.lookup(name, flat=True) is not None
+                                             for i in (index, convolution_index())):
                 return STYLES["musubi"], name
             return style, name
     return STYLES["diffsynth"], stem
@@ -170,12 +244,17 @@ def unknown_style_message(where: str, keys: Iterable[str]) -> str:
 class ParsedKeys:
     style: KeyStyle
     parts: dict[str, dict[str, str]]  # HF module path -> {down/up/alpha: original key}
+    skipped: list[str]  # convolutions with a LoRA (e.g. musubi-tuner's conv_dim), which adapters cannot hold
 
 
 def parse_lora_keys(keys: Iterable[str], where: str, index: ModuleIndex | None = None) -> ParsedKeys:
     """Detect the key style and map every key to (module path, part); raise listing what does not fit."""
     index = index or architecture_index()
     keys = list(keys)
+    lokr = [key for key in keys if _LOKR.search(key)]
+    if lokr:
+        raise ConvertError(f"{where}: a LoKr adapter (Kronecker factors {listing(lokr, 4)}), which cannot be "
+                           "read: only LoRA adapters (lora_A/lora_B or lora_down/lora_up) are supported")
     by_style: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
     not_lora = []
     for key in keys:
@@ -193,10 +272,13 @@ def parse_lora_keys(keys: Iterable[str], where: str, index: ModuleIndex | None =
     style = STYLES[style_name]
     unmatched = not_lora + [key for name, found in by_style.items() if name != style_name for key, _, _ in found]
     parts: dict[str, dict[str, str]] = defaultdict(dict)
-    duplicates = []
+    duplicates, skipped = [], {}
     for key, name, part in by_style[style_name]:
         path = index.resolve(name, style.flat)
-        if path is None:
+        convolution = convolution_index().resolve(name, style.flat) if path is None else None
+        if convolution is not None:
+            skipped[convolution] = None
+        elif path is None:
             unmatched.append(key)
         elif part in parts[path]:
             duplicates.append(f"{parts[path][part]} and {key}")
@@ -213,4 +295,4 @@ def parse_lora_keys(keys: Iterable[str], where: str, index: ModuleIndex | None =
                   if DOWN not in found or UP not in found]
     if incomplete:
         raise ConvertError(f"{where}: LoRA modules without both down (A) and up (B) weights: {listing(incomplete)}")
-    return ParsedKeys(style, dict(parts))
+    return ParsedKeys(style, dict(parts), list(skipped))

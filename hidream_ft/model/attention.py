@@ -1,15 +1,6 @@
-"""HiDream-O1's hybrid attention, plugged into the stock Qwen3-VL attention layers.
-
-Semantics (spec §4): text tokens ("AR", token type 0) attend causally to text tokens only; the timestep token
-and the image tokens ("gen", type > 0) attend to every token. Padding keys are never attended to.
-
-Two implementations, registered as a transformers attention function so the stock decoder layers call them:
-- ``dense``: an explicit [B, 1, S, S] boolean mask built from the token types — the reference, O(S²) memory.
-- ``split``: two SDPA calls — causal over the text prefix, then the gen rows against all keys. Every official
-  layout is "text prefix, then gen suffix" with the gen part starting at the `<|tms_token|>` (the last text
-  token), so this equals the reference, needs no S×S mask, and lets SDPA pick its flash kernel when the batch
-  has no padding.
-"""
+"""HiDream-O1's hybrid attention (text causal, timestep and image tokens attend to all), as a transformers
+attention function for the stock Qwen3-VL layers: ``dense`` (the reference mask) or ``split`` (two SDPA
+calls); docs/sampling.md, "Model internals"."""
 
 from __future__ import annotations
 

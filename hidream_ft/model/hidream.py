@@ -1,11 +1,5 @@
-"""HiDream-O1-Image: stock transformers Qwen3-VL modules plus the three HiDream heads.
-
-The module tree mirrors the official checkpoint (``model.visual``, ``model.language_model``,
-``model.t_embedder1``, ``model.x_embedder``, ``model.final_layer2``, ``lm_head``), so state-dict keys and
-PEFT adapter keys come out identical to the official ``Qwen3VLForConditionalGeneration`` layout.
-Only the generation forward is ours: the stock decoder layers are called one by one with the hybrid
-attention of :mod:`hidream_ft.model.attention` and fp32 mRoPE.
-"""
+"""HiDream-O1-Image: stock transformers Qwen3-VL modules plus the three HiDream heads, in the official
+checkpoint's module tree; only the generation forward is ours (docs/sampling.md, "Model internals")."""
 
 from __future__ import annotations
 
@@ -15,11 +9,9 @@ from torch.distributed.tensor import DTensor
 from transformers import Qwen3VLConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel, Qwen3VLVisionModel
 
-from hidream_ft.model.patches import PATCH_SIZE
 from hidream_ft.model.attention import ATTENTION_NAME, build_attention_layout
 from hidream_ft.model.heads import BottleneckPatchEmbed, FinalLayer, TimestepEmbedder
-
-PATCH_DIM = 3 * PATCH_SIZE * PATCH_SIZE
+from hidream_ft.model.patches import PATCH_DIM
 
 
 def rope_parameters(text_config) -> tuple[float, list[int]]:
@@ -75,9 +67,11 @@ class HiDreamO1(nn.Module):
         text._attn_implementation = ATTENTION_NAME
         theta, self.mrope_section = rope_parameters(text)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        # A plain attribute, not a buffer: it must stay fp32 whatever dtype the module is cast to (spec §8.7).
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim
-        self.inv_freq = (1.0 / theta**exponents).float()
+        # A plain attribute, not a buffer: it must stay fp32 whatever dtype the module is cast to, as in the
+        # official inference; bf16 frequencies lose precision at positions above the 4096 image anchor. Computed
+        # in fp32 step by step like the official rotary init, so the frequencies are bitwise its own.
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        self.inv_freq = 1.0 / theta**exponents
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -92,7 +86,7 @@ class HiDreamO1(nn.Module):
         return out.pooler_output, list(out.deepstack_features)
 
     def vision_must_run(self) -> bool:
-        """Whether a batch without images still has to run the ViT (spec §4, "fake vision forward").
+        """Whether a batch without images still has to run the ViT ("fake vision forward").
 
         Under FSDP every rank must join the ViT's parameter all-gathers (whenever the ViT is sharded) and its
         gradient reduce-scatters (whenever it trains) in every step, also when its own batch is text-to-image

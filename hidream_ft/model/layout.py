@@ -1,4 +1,4 @@
-"""Token layouts: (prompt, size[, references]) → input_ids, 3-D positions and token types (spec §3).
+"""Token layouts: (prompt, size[, reference sizes]) → input_ids, 3-D positions and token types.
 
 Usable on its own, e.g. to drive the model from another pipeline:
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hidream_ft.model.errors import ModelInputError
 from hidream_ft.model.patches import PATCH_SIZE
 
 FIX_POINT = 4096  # image tokens sit at positions ≥ 4096 whatever the prompt length
@@ -34,7 +35,7 @@ class SpecialTokens:
         def lookup(token: str) -> int:
             token_id = tokenizer.convert_tokens_to_ids(token)
             if token_id is None or token_id == tokenizer.unk_token_id:
-                raise ValueError(f"tokenizer has no special token {token!r}; is this a HiDream-O1 tokenizer?")
+                raise ModelInputError(f"tokenizer has no special token {token!r}; is this a HiDream-O1 tokenizer?")
             return token_id
 
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else lookup("<|endoftext|>")
@@ -100,9 +101,9 @@ def chat_prompt_ids(tokenizer, tokens: SpecialTokens, content, max_text_tokens: 
     )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokens.boi, tokens.tms]
     if ids.count(tokens.tms) != 1:
-        raise ValueError("the prompt must contain exactly one <|tms_token|>; remove it from the caption")
+        raise ModelInputError("the prompt must contain exactly one <|tms_token|>; remove it from the caption")
     if max_text_tokens is not None and len(ids) > max_text_tokens:
-        raise ValueError(f"prompt is {len(ids)} tokens, over data.max_text_tokens = {max_text_tokens}")
+        raise ModelInputError(f"prompt is {len(ids)} tokens, over data.max_text_tokens = {max_text_tokens}")
     return ids
 
 
@@ -113,7 +114,7 @@ def truncate_caption(tokenizer, caption: str, max_caption_tokens: int) -> str:
 
 def image_grid(height: int, width: int) -> tuple[int, int]:
     if height % PATCH_SIZE or width % PATCH_SIZE or height <= 0 or width <= 0:
-        raise ValueError(f"image size {width}x{height} is not a positive multiple of {PATCH_SIZE}")
+        raise ModelInputError(f"image size {width}x{height} is not a positive multiple of {PATCH_SIZE}")
     return height // PATCH_SIZE, width // PATCH_SIZE
 
 
@@ -137,12 +138,12 @@ def layout_from_ids(
     ``vit_grids`` are the merged (h, w) grids of the ViT condition images inside ``ids``, in order.
     """
     if len(ids) >= FIX_POINT:
-        raise ValueError(f"the text part is {len(ids)} tokens; it must stay below the {FIX_POINT} image anchor")
+        raise ModelInputError(f"the text part is {len(ids)} tokens; it must stay below the {FIX_POINT} image anchor")
     num_text = len(ids)
     image_grids = [target, *references]
     if target[0] * target[1] < 2:
         # the position scan needs an <|image_pad|> after the placeholder vision-start of every image
-        raise ValueError(f"target image of {target[1] * 32}x{target[0] * 32} is a single patch; use at least 2 patches")
+        raise ModelInputError(f"target image of {target[1] * 32}x{target[0] * 32} is a single patch; use at least 2 patches")
     padded = list(ids)
     for h, w in image_grids:
         padded += [tokens.vision_start] + [tokens.image_pad] * (h * w - 1)

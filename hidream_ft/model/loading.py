@@ -1,41 +1,34 @@
-"""Load HiDream-O1-Image from a directory in the official Hugging Face layout.
-
-    config.json, model.safetensors.index.json + model-0000x-of-0000y.safetensors (or model.safetensors),
-    tokenizer files (tokenizer.json, tokenizer_config.json, chat template), preprocessor_config.json
-
-The model is built on the ``meta`` device, optionally sharded by a caller-supplied function (FSDP), then
-materialised and filled tensor by tensor from the memory-mapped safetensors files, so no process ever holds
-more than its own shard plus one full tensor.
-"""
+"""Load HiDream-O1-Image from a directory in the official Hugging Face layout (or its weights from one
+ComfyUI-style file): built on the meta device, optionally sharded, then filled tensor by tensor from the
+safetensors files (docs/sampling.md, "Model internals")."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import AutoTokenizer, Qwen3VLConfig
 
+from hidream_ft.errors import UserError, listing
 from hidream_ft.model.hidream import HiDreamO1, rope_parameters
 from hidream_ft.model.layout import SpecialTokens
+from hidream_ft.model.safetensors_io import open_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# What the single-file checkpoints of ComfyUI (and the tools that load them) leave out of the official key set:
+# the LM head, which image generation never uses, and the ViT's DeepStack mergers, which ComfyUI does not use.
+COMFYUI_OMITTED = ("lm_head.", "model.visual.deepstack_merger_list.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """The checkpoint directory does not hold a loadable HiDream-O1 model."""
-
-
-def _listing(keys, limit: int = 12) -> str:
-    keys = sorted(keys)
-    more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
 
 
 def _model_dir(path: str | Path) -> Path:
@@ -96,8 +89,12 @@ def load_tokenizer(path: str | Path):
 
 
 def weight_files(path: str | Path) -> dict[str, Path]:
-    """checkpoint key → the safetensors file that holds it, from the index (or the single file)."""
+    """checkpoint key → the safetensors file that holds it: from the index or the single ``model.safetensors``
+    of an official directory, or from ``path`` itself when it is one ``.safetensors`` file."""
     path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        with open_safetensors(path) as f:
+            return {key: path for key in f.keys()}
     index = path / INDEX_FILE
     if index.is_file():
         try:
@@ -107,11 +104,11 @@ def weight_files(path: str | Path) -> dict[str, Path]:
         files = {key: path / name for key, name in weight_map.items()}
         missing = sorted({str(f) for f in files.values() if not f.is_file()})
         if missing:
-            raise CheckpointError(f"{index} names shard files that do not exist: {_listing(missing)}")
+            raise CheckpointError(f"{index} names shard files that do not exist: {listing(missing, 12)}")
         return files
     single = path / SINGLE_FILE
     if single.is_file():
-        with safe_open(single, "pt") as f:
+        with open_safetensors(single) as f:
             return {key: single for key in f.keys()}
     raise CheckpointError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
 
@@ -133,17 +130,22 @@ def restore_rotary_buffers(model: nn.Module) -> None:
             buf.copy_(getattr(fresh, name).to(buf.device, buf.dtype))
 
 
-def check_keys(model: nn.Module, files: dict[str, Path], where: Path) -> None:
+def check_keys(model: nn.Module, files: dict[str, Path], where: Path) -> list[str]:
+    """Raise unless ``files`` hold exactly the model's keys; a single file may lack what ComfyUI's leave out
+    (:data:`COMFYUI_OMITTED`). Returns the keys that are absent."""
     expected = {name: p.shape for name, p in model.state_dict().items()}
     missing = expected.keys() - files.keys()
+    absent = sorted(k for k in missing if k.startswith(COMFYUI_OMITTED)) if where.is_file() else []
+    missing -= set(absent)
     unexpected = files.keys() - expected.keys()
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
+            parts.append(f"{len(missing)} missing keys: {listing(missing, 12)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+            parts.append(f"{len(unexpected)} unexpected keys: {listing(unexpected, 12)}")
         raise CheckpointError(f"{where} does not match the HiDream-O1 architecture: " + "; ".join(parts))
+    return absent
 
 
 def _peft_base_key(key: str) -> str:
@@ -152,15 +154,27 @@ def _peft_base_key(key: str) -> str:
     return f"{module}.base_layer.{name}"
 
 
+def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (unsharded) tensor into ``target``; a DTensor keeps only its own shard of it."""
+    if isinstance(target, DTensor):
+        local = distribute_tensor(full.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+        target.to_local().copy_(local.to_local())
+    else:
+        target.copy_(full)
+
+
 @torch.no_grad()
-def load_weights(model: nn.Module, files: dict[str, Path]) -> None:
-    """Fill materialised (possibly FSDP-sharded) parameters from safetensors, one tensor at a time."""
+def load_weights(model: nn.Module, files: dict[str, Path], absent: Sequence[str] = ()) -> None:
+    """Fill materialised (possibly FSDP-sharded) parameters from safetensors, one tensor at a time; the
+    ``absent`` ones (see :func:`check_keys`) are set to zero."""
     targets = model.state_dict()
+    for key in absent:
+        (targets[key] if key in targets else targets[_peft_base_key(key)]).zero_()
     by_file: dict[Path, list[str]] = defaultdict(list)
     for key, file in files.items():
         by_file[file].append(key)
     for file, keys in sorted(by_file.items()):
-        with safe_open(file, "pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for key in keys:
                 target = targets[key] if key in targets else targets[_peft_base_key(key)]
                 shape = tuple(f.get_slice(key).get_shape())
@@ -168,41 +182,56 @@ def load_weights(model: nn.Module, files: dict[str, Path]) -> None:
                     raise CheckpointError(
                         f"{file.name}: {key} has shape {list(shape)}, the model expects {list(target.shape)}"
                     )
-                full = f.get_tensor(key).to(target.dtype)
-                if isinstance(target, DTensor):
-                    local = distribute_tensor(
-                        full.to(target.device), target.device_mesh, target.placements, src_data_rank=None
-                    )
-                    target.to_local().copy_(local.to_local())
-                else:
-                    target.copy_(full)
+                copy_full_into(target, f.get_tensor(key).to(target.dtype))
+
+
+def _refuse_reference_images(module: nn.Module, args, kwargs) -> None:
+    if kwargs.get("pixel_values") is not None:
+        raise CheckpointError(
+            "edit / IP generation needs the ViT's DeepStack mergers (model.visual.deepstack_merger_list.*), "
+            "which this single-file checkpoint leaves out: load the official HiDream-O1-Image weights instead")
 
 
 def load_model(
     path: str | Path,
     *,
+    weights: str | Path | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     attention: str = "split",
     tokenizer=None,
     prepare: Callable[[HiDreamO1], nn.Module] | None = None,
+    fill: Callable[[HiDreamO1], None] | None = None,
 ) -> nn.Module:
     """Load the official checkpoint at ``path`` with every parameter in ``dtype`` on ``device``.
 
+    ``weights``: one ``.safetensors`` file with the weights instead of ``path``'s (which then needs only its
+    config, tokenizer and processor files), e.g. a ComfyUI single-file checkpoint. Such a file may lack
+    ``lm_head`` (set to zero: image generation never uses it) and the DeepStack mergers (set to zero, and
+    edit / IP inputs are then refused with a :class:`CheckpointError`).
+
     ``prepare`` runs on the meta model before any memory is allocated (LoRA injection, FSDP sharding); its
-    return value (e.g. the PEFT wrapper) is what this function returns. Raises :class:`CheckpointError`
-    naming missing/unexpected keys or mismatched shapes.
+    return value (e.g. the PEFT wrapper) is what this function returns. ``fill`` replaces the weight files
+    (which then need not exist): it sets the materialised parameters itself, e.g. to random values for a
+    benchmark. Raises :class:`CheckpointError` naming missing/unexpected keys or mismatched shapes.
     """
     path = Path(path)
     config = load_hf_config(path)
     tokenizer = tokenizer or load_tokenizer(path)
     tokens = SpecialTokens.from_tokenizer(tokenizer, config)
-    files = weight_files(path)
     model = build_meta_model(config, tokens.tms, attention)
-    check_keys(model, files, path)
+    if fill is None:
+        source = Path(weights) if weights is not None else path
+        if weights is not None and not (source.is_file() and source.suffix == ".safetensors"):
+            raise CheckpointError(f"{source}: the weights must be one .safetensors file")
+        files = weight_files(source)
+        absent = check_keys(model, files, source)
+        if any(key.startswith(COMFYUI_OMITTED[1]) for key in absent):
+            model.register_forward_pre_hook(_refuse_reference_images, with_kwargs=True)
+        fill = functools.partial(load_weights, files=files, absent=absent)
     model.to(dtype)
     prepared = prepare(model) if prepare is not None else model
     model.to_empty(device=device)
-    load_weights(model, files)
+    fill(model)
     restore_rotary_buffers(model)
     return prepared

@@ -1,35 +1,30 @@
-"""8-bit AdamW on FSDP2-sharded (DTensor) or plain parameters, with reshardable checkpoints.
-
-The update is bitsandbytes' fused blockwise 8-bit AdamW kernel (the one inside ``bnb.optim.AdamW8bit``), run
-on each rank's local shard: bitsandbytes' own optimizer classes reject DTensor parameters. Each moment is
-stored as uint8 codes into bitsandbytes' dynamic quantisation map plus one fp32 scale (``absmax``) per block
-of 256 consecutive elements of the flattened local shard. Vectors (norms, biases) and matrices with fewer
-than ``min_8bit_size`` elements keep fp32 moments, updated by bitsandbytes' fused fp32-state kernel.
-
-Checkpoints: :meth:`ShardedAdamW8bit.state_dict` presents each moment dequantised to fp32, shaped and placed
-like its parameter (a DTensor with the parameter's mesh and placements), in host memory, under torch AdamW's
-key names (``step``, ``exp_avg``, ``exp_avg_sq``). DCP therefore saves and reshards it like any optimizer state,
-and :meth:`load_state_dict` requantises. Requantisation reproduces the saved values bit for bit whenever the
-blocks are the same as at save time (same sharding, or shards that start at multiples of 256 elements);
-otherwise it is a fresh quantisation of those values. docs/optimizers.md has the details and the measurements.
-
-``stochastic_rounding=True`` writes bf16 parameters back with stochastic rounding: the kernel updates an fp32
-copy of the shard and the result is rounded up or down with probability proportional to the distance, so
-updates smaller than half a bf16 step still move the weight in expectation.
-"""
+"""8-bit AdamW on FSDP2-sharded (DTensor) or plain parameters: bitsandbytes' blockwise kernel on each rank's
+local shard, with reshardable fp32 checkpoints and optional stochastic rounding. Design, exactness and
+measurements are in docs/optimizers.md."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import warnings
 from collections import defaultdict
 
 import torch
 from torch.distributed.tensor import DTensor
 
+# Importing bitsandbytes logs and warns about optional GPU kernels (e.g. "Failed to load CPU gemm_4bit_forward")
+# that its blockwise optimizer kernel does not use: keep that out of the console.
+_bnb_logger = logging.getLogger("bitsandbytes")
+_bnb_level = _bnb_logger.level
+_bnb_logger.setLevel(logging.ERROR)
 try:
-    import bitsandbytes.functional as bnb_functional
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes.functional as bnb_functional
 except ImportError as e:  # the GPU image does not ship it
     raise ImportError("optim.name = 'adamw8bit' needs bitsandbytes ≥ 0.50 (pip install bitsandbytes)") from e
+finally:
+    _bnb_logger.setLevel(_bnb_level)
 
 BLOCK_SIZE = 256  # bitsandbytes' blockwise optimizer kernels quantise in blocks of 256 (CPU and CUDA)
 # Where the true block scale can sit, in ulps, relative to the reconstructed one; tried in this order.

@@ -27,6 +27,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch
     if cfg.name == "adamw":
         fused = params[0].device.type == "cuda"
         return torch.optim.AdamW(params, fused=fused, foreach=not fused, **kwargs)
+    # bitsandbytes is optional: only runs that ask for adamw8bit import it.
     from hidream_ft.optim.adamw8bit import ShardedAdamW8bit
 
     return ShardedAdamW8bit(params, **kwargs, stochastic_rounding=cfg.stochastic_rounding)

@@ -6,13 +6,27 @@ take exactly the same code path (FSDP on a mesh of one).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from hidream_ft.config import ConfigError
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# What the kernel sends a torchrun worker when the launcher dies (Linux): a signal of its own, turned into one
+# SIGTERM. Elsewhere the watchdog thread alone notices.
+LAUNCHER_DIED_SIGNAL = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else None
+# How long an orphaned worker may take to checkpoint and exit after its launcher died.
+ORPHAN_GRACE_S = 120.0
 
 
 @dataclass
@@ -34,8 +48,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_with_launcher() -> None:
+    """Stop this worker when its launcher dies: torchrun starts workers in sessions of their own, so after a
+    ``kill -9`` of torchrun alone they would train on as orphans, holding the output folder. The worker then
+    sends itself SIGTERM (a stop with a checkpoint, like a preemption), once; a watchdog thread does the same
+    where the kernel cannot tell, and kills the process if it has not ended ``ORPHAN_GRACE_S`` later. Call it
+    from the main thread."""
+    launcher = os.getppid()
+    signalled_by_kernel = False
+    if LAUNCHER_DIED_SIGNAL is not None:
+        signal.signal(LAUNCHER_DIED_SIGNAL, _on_launcher_death)
+        # prctl is variadic: the signal must be passed as the unsigned long the kernel reads, or its upper
+        # bits are whatever the register held.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        signalled_by_kernel = prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(LAUNCHER_DIED_SIGNAL)) == 0
+    threading.Thread(target=_watch_launcher, args=(launcher, signalled_by_kernel), name="launcher-watchdog",
+                     daemon=True).start()
+
+
+def _on_launcher_death(signum: int, frame: object) -> None:
+    # The kernel sends the parent-death signal again each time the orphan is handed to another of the dying
+    # launcher's threads; a SIGTERM arriving after the stop had begun would end the process before its cleanup.
+    signal.signal(signum, signal.SIG_IGN)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _watch_launcher(launcher: int, signalled_by_kernel: bool) -> None:
+    while os.getppid() == launcher:
+        time.sleep(1.0)
+    if not signalled_by_kernel:
+        os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(ORPHAN_GRACE_S)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init_distributed() -> DistEnv:
     """Initialise the default process group (NCCL on GPU, gloo on CPU) from RANK/WORLD_SIZE/... variables."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and not dist.is_initialized():  # a torchrun worker, first call
+        stop_with_launcher()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -60,16 +110,10 @@ def build_mesh(env: DistEnv, hsdp: bool) -> DeviceMesh:
     if not hsdp or env.world_size == env.local_world_size:
         return init_device_mesh(device_type, (env.world_size,), mesh_dim_names=("shard",))
     if env.world_size % env.local_world_size:
-        raise ValueError(f"HSDP needs equal ranks per node: world {env.world_size}, per node {env.local_world_size}")
+        raise ConfigError(f"parallel.hsdp needs equal ranks per node: world {env.world_size}, per node "
+                          f"{env.local_world_size}; launch as many ranks on every node, or set parallel.hsdp = false")
     shape = (env.world_size // env.local_world_size, env.local_world_size)
     return init_device_mesh(device_type, shape, mesh_dim_names=("replicate", "shard"))
-
-
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    """True only when ``flag`` holds on every rank (one tiny all-reduce)."""
-    value = torch.tensor([0.0 if flag else 1.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.item() == 0.0
 
 
 def shutdown() -> None:

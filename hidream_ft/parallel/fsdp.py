@@ -1,22 +1,15 @@
-"""FSDP2 sharding and activation checkpointing, applied to the model from outside.
-
-Units: one per decoder layer, one per ViT block when the ViT trains (else the ViT as one unit), the
-embedding table, the unused ``lm_head`` (a unit of its own so it is never all-gathered), then the root
-(heads and final norm). Activation checkpointing wraps decoder layers with torch's checkpoint wrapper
-before sharding, so checkpointing is never nested.
-"""
+"""FSDP2 sharding, activation checkpointing and per-layer compile, applied to the model from outside
+(the units are listed in docs/architecture.md)."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from hidream_ft.config import ParallelConfig
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+from hidream_ft.model.dtypes import TORCH_DTYPES
 
 
 def checkpointed_layer_indices(cfg: ParallelConfig, num_layers: int) -> list[int]:
@@ -40,7 +33,8 @@ def apply_compile(layers: nn.ModuleList) -> None:
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh) -> None:
     """Shard a HiDreamO1 (optionally PEFT-injected, possibly still on ``meta``) in place."""
-    policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
+    policy = MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[cfg.param_dtype],
+                                  reduce_dtype=TORCH_DTYPES[cfg.reduce_dtype])
     shard = dict(mesh=mesh, mp_policy=policy)
     backbone = model.model
     layers = backbone.language_model.layers

@@ -1,20 +1,12 @@
-"""Sharded, atomic, reshardable checkpoints with torch.distributed.checkpoint (DCP).
-
-    checkpoints/step-00000100/
-        .metadata, __*_*.distcp     model (LoRA: trainable parameters only) + optimizer, as DCP shards
-        rank-00000.pt …             per-rank RNG states and data-loader position
-        meta.json                   step, LR-scheduler state, world size, mode, LoRA settings
-        COMPLETE                    commit marker, written last
-
-Every rank writes into ``.step-N.tmp``; rank 0 writes the marker and renames the folder once all ranks are
-done, so a folder named ``step-N`` is always whole. A folder without its marker is ignored by resume.
-Because DCP stores global tensors, a checkpoint written by R ranks loads on any other number of ranks.
-"""
+"""Sharded, atomic, reshardable checkpoints with torch.distributed.checkpoint (DCP); the folder layout and
+the commit protocol are in docs/architecture.md."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,11 +14,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_state_dict, set_state_dict,
 )
+
+from hidream_ft.config import ConfigError
+from hidream_ft.errors import UserError, listing
+from hidream_ft.model.safetensors_io import open_safetensors
+from hidream_ft.runtime.lock import OutputLock
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
@@ -59,22 +57,107 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"checkpoint.resume = {resume!r}: not a complete checkpoint (no {MARKER} marker)")
+        raise ConfigError(f"checkpoint.resume = {resume!r}: not a complete checkpoint (no {MARKER} marker); "
+                          "use 'auto', 'none' or a step-N folder")
     return path
 
 
-def _rng_state() -> dict:
-    """Global RNG streams (LoRA dropout); diffusion noise is seeded per sample and needs no state."""
-    state = {"torch": torch.get_rng_state()}
+def _rank_file(step_dir: Path, rank: int) -> Path:
+    return step_dir / f"rank-{rank:05d}.safetensors"
+
+
+def _plain(value: Any) -> Any:
+    """``json.dumps``'s fallback for the numpy scalars a data position may hold."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} in the data state is not JSON-serialisable")
+
+
+def _save_rank_state(path: Path, data_state: Any) -> None:
+    """This rank's global RNG streams (LoRA dropout; diffusion noise is seeded per sample) and data position,
+    as tensors and JSON: a format that, unlike a pickle, cannot run code when it is loaded."""
+    tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(path), metadata={"data": json.dumps(data_state, default=_plain)})
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def _load_rank_state(step_dir: Path, rank: int) -> tuple[dict[str, torch.Tensor], Any]:
+    """(RNG tensors, data state) of ``rank``. Checkpoints of earlier versions kept them in ``rank-N.pt``
+    pickles, which are read only through torch's tensors-and-containers unpickler."""
+    path = _rank_file(step_dir, rank)
+    if path.is_file():
+        with open_safetensors(path) as f:
+            data = json.loads(f.metadata()["data"])
+            return {key: f.get_tensor(key) for key in f.keys()}, data
+    legacy = path.with_suffix(".pt")
+    try:
+        state = torch.load(legacy, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointReadError(f"{legacy}: holds more than tensors and plain containers, so it is not loaded "
+                                  "(a pickle can run code); start from the checkpoint's weights with "
+                                  "checkpoint.resume = 'none' or use a checkpoint of this version") from None
+    return {f"rng.{key}": value for key, value in state["rng"].items()}, state["data"]
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
+class CheckpointReadError(UserError):
+    """A checkpoint file that is not loaded: unreadable, or one that could run code."""
+
+
+class CheckpointWriteError(UserError):
+    """The disk (or quota) is full: a checkpoint could not be written."""
+
+
+class CheckpointMismatch(UserError):
+    """A checkpoint saved with other model settings than those of the run that resumes it."""
+
+
+def check_model_matches(path: Path, model_state: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointMismatch` when the checkpoint at ``path`` holds other model tensors (names or
+    global shapes) than ``model_state``: DCP would fail with a long traceback, or silently drop the extra ones."""
+    items = FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
+    saved = {key[len("model."):]: list(item.size) for key, item in items
+             if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
+    expected = {key: list(value.shape) for key, value in model_state.items()}
+    fix = ("resume with the original settings, or start fresh with --set checkpoint.resume=none or a new "
+           "logging.output_dir")
+    only_saved, only_expected = saved.keys() - expected.keys(), expected.keys() - saved.keys()
+    if only_saved or only_expected:
+        parts = [f"the config's model lacks {len(only_saved)} of its tensors: {listing(only_saved, 2)}"
+                 if only_saved else "",
+                 f"it lacks {len(only_expected)} tensors of the config's model: {listing(only_expected, 2)}"
+                 if only_expected else ""]
+        raise CheckpointMismatch(f"checkpoint {path} does not match the config (lora.targets, lora.train_heads, "
+                                 "lora.include_visual or train.mode changed?): " + "; ".join(filter(None, parts))
+                                 + f"; {fix}")
+    for key in sorted(expected):
+        if saved[key] != expected[key]:
+            raise CheckpointMismatch(f"checkpoint {path}: shape of {key} is {saved[key]} but the config gives "
+                                     f"{expected[key]} (lora.rank changed?); {fix}")
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether ``error``, an exception it was raised from, or a rank's failure that DCP collected, is ENOSPC or
+    EDQUOT."""
+    seen = set()
+    pending = [error]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        # DCP keeps each rank's failure as (exception, traceback summary).
+        failures = [failure[0] for failure in getattr(e, "failures", {}).values()]
+        pending += [e.__cause__, e.__context__, *failures]
+    return False
 
 
 def _fsync_dir(path: Path) -> None:
@@ -86,8 +169,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep_last: int, rank: int, world_size: int, trainable_only: bool):
+    def __init__(self, root: Path, keep_last: int, rank: int, world_size: int, trainable_only: bool,
+                 lock: OutputLock | None = None):
         self.root = Path(root)
+        self.lock = lock  # the output folder's, on rank 0: checked before each write and commit
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
@@ -97,21 +182,39 @@ class Checkpointer:
         self.load_options = StateDictOptions(ignore_frozen_params=trainable_only, strict=False)
 
     def save(self, step: int, model, optimizer, scheduler, data_state: Any, meta: dict) -> Path:
+        """Write the checkpoint of ``step`` atomically; a full disk is a :class:`CheckpointWriteError` that leaves
+        the previous complete checkpoints as they were and removes the partial one."""
+        try:
+            return self._write(step, model, optimizer, scheduler, data_state, meta)
+        except BaseException as e:  # DCP reports the ranks' failures as a CheckpointException(BaseException)
+            if not _disk_full(e):
+                raise
+            if self.rank == 0:
+                shutil.rmtree(self.root / f".{step_dir_name(step)}.tmp", ignore_errors=True)
+            complete = complete_checkpoints(self.root)
+            last = f"the last complete checkpoint, {complete[-1]}, is intact" if complete else "no checkpoint yet"
+            raise CheckpointWriteError(f"{self.root}: no space left on the device while writing the checkpoint of "
+                                       f"step {step}; {last}. Free space (or raise the quota), then run the same "
+                                       f"command again to resume") from None
+
+    def _write(self, step: int, model, optimizer, scheduler, data_state: Any, meta: dict) -> Path:
         final = self.root / step_dir_name(step)
         tmp = self.root / f".{step_dir_name(step)}.tmp"
         if self.rank == 0:
+            self._ensure_lock_held()
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
         model_state, optim_state = get_state_dict(model, optimizer, options=self.options)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-        torch.save({"rng": _rng_state(), "data": data_state}, tmp / f"rank-{self.rank:05d}.pt")
+        _save_rank_state(_rank_file(tmp, self.rank), data_state)
         dist.barrier()
         if self.rank == 0:
             info = dict(meta, step=step, world_size=self.world_size, scheduler=scheduler.state_dict())
             (tmp / "meta.json").write_text(json.dumps(info, indent=2))
             (tmp / MARKER).write_text(f"{step}\n")
             _fsync_dir(tmp)
+            self._ensure_lock_held()
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             _fsync_dir(self.root)
@@ -120,26 +223,26 @@ class Checkpointer:
         dist.barrier()
         return final
 
+    def _ensure_lock_held(self) -> None:
+        if self.lock is not None:
+            self.lock.ensure_held()
+
     def load(self, path: Path, model, optimizer, scheduler) -> tuple[int, Any]:
         """Restore everything; returns (step, data state). Resharding (other world size) is supported:
         RNG and data states then come from rank 0's file, re-seeded per rank by the caller's data pipeline."""
         meta = json.loads((path / "meta.json").read_text())
         model_state, optim_state = get_state_dict(model, optimizer, options=self.options)
+        check_model_matches(path, model_state)
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=self.load_options)
         scheduler.load_state_dict(meta["scheduler"])
         same_world = meta["world_size"] == self.world_size
-        rank_file = path / f"rank-{self.rank if same_world else 0:05d}.pt"
-        extra = torch.load(rank_file, weights_only=False)
+        rng, data_state = _load_rank_state(path, self.rank if same_world else 0)
         if same_world:
-            _set_rng_state(extra["rng"])
-        return meta["step"], extra["data"]
-
-
-def read_meta(step_dir: str | Path) -> dict:
-    return json.loads((Path(step_dir) / "meta.json").read_text())
+            _set_rng_state(rng)
+        return meta["step"], data_state
 
 
 def load_model_state(step_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -150,7 +253,7 @@ def load_model_state(step_dir: str | Path) -> dict[str, torch.Tensor]:
     """
     step_dir = Path(step_dir)
     if not (step_dir / MARKER).is_file():
-        raise FileNotFoundError(f"{step_dir}: not a complete checkpoint (no {MARKER} marker)")
+        raise UserError(f"{step_dir}: not a complete checkpoint (no {MARKER} marker)")
     metadata = FileSystemReader(str(step_dir)).read_metadata()
     state = {}
     for key, item in metadata.state_dict_metadata.items():

@@ -1,33 +1,5 @@
-"""Stop cleanly when SLURM is about to take the job away, on every rank at the same step.
-
-SLURM warns a job before it ends it:
-
-* ``SIGUSR2`` ``signal_delay_s`` seconds before the time limit (``--signal=USR2@120``, set by both launch routes),
-  and at preemption on clusters with ``PreemptParameters=send_user_signal``. The job should checkpoint and be
-  **requeued**. USR2 rather than submitit's historical USR1, because NCCL claims USR1.
-* ``SIGTERM`` at preemption and at ``scancel``. The job should checkpoint and **exit**; SLURM itself requeues a
-  preempted job that was submitted with ``--requeue`` (PreemptMode=REQUEUE), and a cancelled job stays cancelled.
-
-The signal handler only records which of the two arrived. At each step boundary the training loop calls
-:meth:`PreemptionHandler.should_stop`, a one-integer all-reduce (MAX), so every rank takes the same decision at
-the same step even when the signal reached the ranks at different times::
-
-    preemption = PreemptionHandler(device).install()   # main thread, after the process group exists
-    for step ...:
-        ...optimizer step...
-        if preemption.should_stop():                   # every rank, every step (it is a collective)
-            save_checkpoint(step)                      # a complete checkpoint; resume = "auto" finds it
-            preemption.requeue_exit()                  # never returns
-
-:meth:`PreemptionHandler.requeue_exit` hands a USR2 stop to the handler that owned USR2 before ours — under
-submitit that is submitit's, which pickles the job for resubmission and runs ``scontrol requeue`` (rank 0) —
-and exits with :data:`PREEMPTED_EXIT_CODE`. Under ``torchrun`` in the ``slurm/*.sbatch`` scripts the batch shell
-requeues the job instead, once the step has ended.
-
-SLURM signals every process of a job step, data-loader workers included; a worker killed by it would make the
-main process's DataLoader raise before the checkpoint is written. Workers therefore call
-:func:`ignore_preemption_signals` from their ``worker_init_fn``.
-"""
+"""Stop cleanly when SLURM is about to take the job away (SIGUSR2 / SIGTERM) or on Ctrl-C (SIGINT), on every rank
+at the same step; which signal means what, who requeues, and how the trainer uses this are in docs/cluster.md."""
 
 from __future__ import annotations
 
@@ -35,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -43,12 +16,16 @@ import torch.distributed as dist
 
 REQUEUE_SIGNAL = signal.SIGUSR2
 STOP_SIGNAL = signal.SIGTERM
+# Ctrl-C stops like SIGTERM; a second one aborts at once. In a terminal under torchrun a worker gets the first
+# Ctrl-C twice, from the terminal and forwarded by the launcher, so only one at least this much later aborts.
+INTERRUPT_SIGNAL = signal.SIGINT
+ABORT_AFTER_S = 1.0
 # EX_TEMPFAIL from sysexits.h: the work is unfinished and may be retried.
 PREEMPTED_EXIT_CODE = 75
 
 # Levels all-reduced with MAX: a requeue request from any rank wins over a plain stop.
 _RUN, _STOP, _REQUEUE = 0, 1, 2
-_LEVEL_OF_SIGNAL = {STOP_SIGNAL: _STOP, REQUEUE_SIGNAL: _REQUEUE}
+_LEVEL_OF_SIGNAL = {STOP_SIGNAL: _STOP, INTERRUPT_SIGNAL: _STOP, REQUEUE_SIGNAL: _REQUEUE}
 
 
 def ignore_preemption_signals(worker_id: int | None = None) -> None:
@@ -69,7 +46,7 @@ def _collective_device() -> torch.device:
 
 
 class PreemptionHandler:
-    """Records SIGUSR2 / SIGTERM and turns them into one agreed stop decision across ranks.
+    """Records SIGUSR2 / SIGTERM / SIGINT and turns them into one agreed stop decision across ranks.
 
     ``device`` is where the one-integer all-reduce runs (the trainer's device); by default the current CUDA
     device with NCCL, else the CPU.
@@ -80,6 +57,7 @@ class PreemptionHandler:
         self._received = _RUN
         self._agreed = _RUN
         self._previous: dict[int, Any] = {}
+        self._interrupted_at: float | None = None
 
     def install(self) -> PreemptionHandler:
         if threading.current_thread() is not threading.main_thread():
@@ -102,11 +80,18 @@ class PreemptionHandler:
         self.uninstall()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == INTERRUPT_SIGNAL:
+            if self._interrupted_at is not None:
+                if time.monotonic() - self._interrupted_at >= ABORT_AFTER_S:
+                    signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
+                return
+            self._interrupted_at = time.monotonic()
         self._received = max(self._received, _LEVEL_OF_SIGNAL[signum])
         rank = os.environ.get("RANK", "0")
+        again = " (Ctrl-C again to abort without a checkpoint)" if signum == INTERRUPT_SIGNAL else ""
         # os.write, not print: a handler that prints while the loop prints raises "reentrant call".
         os.write(2, f"[rank {rank}] caught {signal.Signals(signum).name}: checkpointing and stopping at the end "
-                    f"of this step\n".encode())
+                    f"of this step{again}\n".encode())
 
     @property
     def signal_received(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3VLConfig
 
+from hidream_ft.cli import entry_point
 from hidream_ft.model.hidream import HiDreamO1
 
 SPECIAL_TOKENS = [
@@ -161,8 +163,10 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, text_layers: int =
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@entry_point
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hidream_ft.testing.tiny", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=3, help="decoder layers (≥ 2 for DeepStack)")
@@ -171,4 +175,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

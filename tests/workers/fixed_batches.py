@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_distributed.py: train on a fixed global batch sequence, report as JSON.
 
-    torchrun --nproc_per_node R tests/workers/fixed_batches.py OUT.json STEPS [--save-at K] [--resume] --set KEY=VALUE...
+    torchrun --nproc_per_node R tests/workers/fixed_batches.py CHECKPOINT RUN_DIR OUT.json STEPS
+        [--save-at K] [--resume] [--set KEY=VALUE]...
 
 Every step's global batch is the same 4 samples whatever R is; rank r takes samples r, r+R, …, so runs on
 different numbers of ranks see identical data and noise (noise is seeded per sample).
@@ -9,53 +10,32 @@ different numbers of ranks see identical data and noise (noise is seeded per sam
 import argparse
 import hashlib
 import json
-import sys
-from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from hidream_ft.config import load_config
+from helpers import make_trainer, noise_samples
 from hidream_ft.data.collate import TextToImageCollator
-from hidream_ft.parallel.distributed import init_distributed
-from hidream_ft.train import Trainer
-
-GLOBAL_BATCH = 4
-CAPTIONS = ["a red circle", "a green square on a blue background", "a yellow triangle", "the lazy dog"]
-
-
-@dataclass
-class FixedSample:
-    pixels: torch.Tensor
-    caption: str
-    key: str
-    weight: float = 1.0
-    noise_seed: int = 0
-
-
-def global_batch(step: int) -> list[FixedSample]:
-    g = torch.Generator().manual_seed(step)
-    return [FixedSample(torch.rand(3, 64, 64, generator=g) * 2 - 1, CAPTIONS[i], f"s{i}", noise_seed=step * 100 + i)
-            for i in range(GLOBAL_BATCH)]
+from hidream_ft.parallel.distributed import shutdown
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    parser.add_argument("run_dir")
     parser.add_argument("out")
     parser.add_argument("steps", type=int)
     parser.add_argument("--save-at", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
-    env = init_distributed()
-    cfg = load_config(None, args.set)
-    trainer = Trainer(cfg, env)
+    trainer = make_trainer(args.checkpoint, args.run_dir, *args.set)
+    env = trainer.env
     collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, 128)
     start = trainer.resume()[0] if args.resume else 0
     losses = {}
     for step in range(start, args.steps):
-        mine = global_batch(step)[env.rank :: env.world_size]
+        mine = noise_samples(seed=step, first_noise_seed=step * 100)[env.rank :: env.world_size]
         losses[step + 1] = trainer.step([collate(mine)])["loss"]
         if args.save_at and step + 1 == args.save_at:
             trainer.save_checkpoint(step + 1, {"position": step + 1})
@@ -72,8 +52,8 @@ def main() -> None:
             json.dump({"losses": losses, "digest": digest.hexdigest(), "params": params,
                        "world_size": env.world_size, "skipped": trainer.skipped_total}, f)
     dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
