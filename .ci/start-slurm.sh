@@ -17,7 +17,7 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
 fi
 
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(nproc --all)  # --all: plain nproc follows OMP_NUM_THREADS, which CI sets to 1
 # Leave ~10 % of the memory to the daemons and the test process itself.
 memory_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 
