@@ -118,12 +118,17 @@ class CheckpointMismatch(UserError):
     """A checkpoint saved with other model settings than those of the run that resumes it."""
 
 
+def saved_model_tensors(step_dir: str | Path) -> dict[str, TensorStorageMetadata]:
+    """The model tensors a checkpoint holds, by name without the ``model.`` prefix, with their global metadata."""
+    items = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata.items()
+    return {key[len("model."):]: item for key, item in items
+            if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
+
+
 def check_model_matches(path: Path, model_state: dict[str, Any]) -> None:
     """Raise :class:`CheckpointMismatch` when the checkpoint at ``path`` holds other model tensors (names or
     global shapes) than ``model_state``: DCP would fail with a long traceback, or silently drop the extra ones."""
-    items = FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
-    saved = {key[len("model."):]: list(item.size) for key, item in items
-             if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
+    saved = {key: list(item.size) for key, item in saved_model_tensors(path).items()}
     expected = {key: list(value.shape) for key, value in model_state.items()}
     fix = ("resume with the original settings, or start fresh with --set checkpoint.resume=none or a new "
            "logging.output_dir")
@@ -254,10 +259,7 @@ def load_model_state(step_dir: str | Path) -> dict[str, torch.Tensor]:
     step_dir = Path(step_dir)
     if not (step_dir / MARKER).is_file():
         raise UserError(f"{step_dir}: not a complete checkpoint (no {MARKER} marker)")
-    metadata = FileSystemReader(str(step_dir)).read_metadata()
-    state = {}
-    for key, item in metadata.state_dict_metadata.items():
-        if key.startswith("model.") and isinstance(item, TensorStorageMetadata):
-            state[key] = torch.empty(item.size, dtype=item.properties.dtype)
+    state = {f"model.{key}": torch.empty(item.size, dtype=item.properties.dtype)
+             for key, item in saved_model_tensors(step_dir).items()}
     dcp.load(state, checkpoint_id=step_dir, no_dist=True)
     return {key[len("model."):]: value for key, value in state.items()}
