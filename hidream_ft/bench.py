@@ -1,16 +1,18 @@
 """Training speed and memory of the real trainer step, on the 8B shape with random weights (no checkpoint files).
 
-    python -m hidream_ft.bench --mode lora --size 1024 --batch 1 --steps 10 [--ac none|full|selective]
-        [--compile] [--optim adamw|adamw8bit] [--attention split|dense] [--shape 8b|tiny] [--set KEY=VALUE ...]
+    python -m hidream_ft.bench --mode lora --size 1024 --batch 1 --steps 10 [--ac none|full|selective|op]
+        [--compile] [--optim adamw|adamw8bit] [--attention auto|dense|split|flex] [--shape 8b|tiny]
+        [--set KEY=VALUE ...] [--profile DIR] [--counts]
     torchrun --nproc_per_node 8 -m hidream_ft.bench ...        # sharded; images/s and tokens/s are global
 
 The model is built on the meta device in the Qwen3-VL-8B shape, given LoRA adapters or the full-FT trainable
 set, sharded with FSDP2 and materialised on the device exactly as the trainer does it, then filled with random
 weights. Each step is ``Trainer.step`` (forward, backward, clipping, optimizer step) on one synthetic batch, so
-data loading is not part of the figure. Steps after ``--warmup`` are timed. Prints a markdown table row:
+data loading is not part of the figure; the batch is pinned once and copied to the GPU asynchronously in every
+step, as a batch from the data loader is. Steps after ``--warmup`` are timed one by one. Prints a markdown row:
 
-    s/step, images/s, tokens/s (all sequence tokens, text included), peak memory (CUDA: max allocated;
-    CPU: process max RSS), MFU = (6·N + 12·L·d·S)·tokens / (step time · peak FLOP/s)
+    s/step (median, min, max), images/s, tokens/s (all sequence tokens, text included; from the median),
+    peak memory (CUDA: max allocated; CPU: process max RSS), MFU = (6·N + 12·L·d·S)·tokens / (step time · peak)
 
 with N the decoder parameters without the embedding (6.95e9 at 8B), L layers, d hidden size, S sequence length
 and a peak of 989 TFLOP/s (H100 dense bf16). The convention counts 6·N for LoRA too and ignores activation
@@ -20,27 +22,34 @@ recomputation, so it compares recipes, not hardware utilisation. ``--shape tiny`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
+import statistics
 import sys
 import tempfile
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hidream_ft.trainer import Trainer
 from hidream_ft.cli import entry_point, int_at_least
-from hidream_ft.config import load_config, toml_literal
+from hidream_ft.config import AttentionKind, load_config, toml_literal
 from hidream_ft.data.collate import TextToImageCollator
 from hidream_ft.data.samples import Sample
 from hidream_ft.metrics import peak_memory_gib
+from hidream_ft.model.attention import resolve_attention
 from hidream_ft.model.loading import load_model
 from hidream_ft.testing.tiny import preprocessor_config, tiny_config_dict, tiny_tokenizer
 from hidream_ft.parallel.distributed import init_distributed, shutdown
+from hidream_ft.parallel.fsdp import compile_enabled
 
 H100_BF16_PEAK_TFLOPS = 989.0
 
@@ -62,19 +71,22 @@ SHAPES = {
 
 CAPTION_WORDS = "a photo of a red circle on a blue background with a yellow triangle over a gradient".split()
 
-HEADER = ("| shape | mode | size | batch × ranks | AC | compile | optim | attention | seq | s/step | images/s "
-          "| tokens/s | peak GiB | MFU % | device |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| shape | mode | size | batch × ranks | AC | compile | optim | attention | seq | s/step (median) "
+          "| images/s | tokens/s | peak GiB | MFU % | device | s/step min | s/step max |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 @dataclass
 class Measurement:
-    step_s: float
+    step_s: float  # median over the timed steps; the rates and the MFU use it
+    min_step_s: float
+    max_step_s: float
     images_per_s: float
     tokens_per_s: float
     peak_gib: float
     mfu: float | None  # fraction of the peak; None on CPU, where the H100 peak means nothing
     seq_len: int
+    graphs_before_timing: int  # dynamo graphs compiled by the end of the warm-up
 
 
 def model_flops_per_token(decoder_params: int, layers: int, hidden: int, seq_len: int) -> float:
@@ -146,38 +158,172 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(trainer: Trainer, batch, steps: int, warmup: int, peak_tflops: float) -> Measurement:
+class StepTimer:
+    """Per-step wall times without a host sync inside the timed loop: CUDA events around each step on a GPU
+    (read after the last step), ``perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def timed_steps(trainer: Trainer, batch, steps: int) -> list[float]:
+    """``steps`` trainer steps as the training loop runs them between log lines (no host read of the loss, one
+    step of lag); the seconds of each."""
+    timer = StepTimer(trainer.env.device)
+    timer.mark()
+    for _ in range(steps):
+        trainer.step([batch], read=False)
+        timer.mark()
+    trainer.flush()
+    return timer.seconds()
+
+
+def measure(trainer: Trainer, batch, steps: int, warmup: int, peak_tflops: float,
+            profile_dir: Path | None = None) -> Measurement:
     device = trainer.env.device
     for _ in range(warmup):
         trainer.step([batch])
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.step([batch])
-    synchronize(device)
-    step_s = (time.perf_counter() - start) / steps
+    graphs_before_timing = counters["stats"]["unique_graphs"]
+    if profile_dir is None:
+        times = timed_steps(trainer, batch, steps)
+    else:
+        with profiled(profile_dir, device, trainer.env.rank):
+            times = timed_steps(trainer, batch, steps)
     if trainer.skipped_total:
         print(f"warning: {trainer.skipped_total} steps had a non-finite loss or gradient and skipped the "
               "optimizer step; the timing is not representative", file=sys.stderr)
+    step_s = statistics.median(times)
     world = trainer.env.world_size
     seq_len = batch.layout.token_types.shape[1]
     images = batch.size * world
     config = trainer.base.config.text_config
     flops = model_flops_per_token(decoder_params(trainer), config.num_hidden_layers, config.hidden_size, seq_len)
     utilisation = mfu(step_s, images * seq_len, flops, peak_tflops * 1e12) if device.type == "cuda" else None
-    return Measurement(step_s, images / step_s, images * seq_len / step_s, peak_memory_gib(device), utilisation,
-                       seq_len)
+    return Measurement(step_s, min(times), max(times), images / step_s, images * seq_len / step_s,
+                       peak_memory_gib(device), utilisation, seq_len, graphs_before_timing)
 
 
-def table_row(args: argparse.Namespace, world: int, result: Measurement, device: torch.device) -> str:
+@contextlib.contextmanager
+def profiled(out_dir: Path, device: torch.device, rank: int):
+    """A torch profiler over the timed steps, its Chrome trace written to ``out_dir/trace-rank{rank}.json``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        yield
+    out_dir.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(out_dir / f"trace-rank{rank}.json"))
+
+
+# Ops that only reshape, alias or allocate a tensor: no kernel does work for them.
+METADATA_OPS = frozenset(f"aten::{name}" for name in (
+    "view", "_unsafe_view", "reshape", "as_strided", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze",
+    "slice", "select", "split", "split_with_sizes", "chunk", "unbind", "narrow", "alias", "detach", "empty",
+    "empty_like", "empty_strided", "lift_fresh", "resolve_conj", "resolve_neg", "_reshape_alias", "view_as"))
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the calls of ``ops`` that run (an op answered from a selective-checkpoint cache does not); with
+    no ``ops``, of every op but the reshaping/aliasing ones: the kernel-like ops."""
+
+    def __init__(self, *ops):
+        super().__init__()
+        self.ops = frozenset(ops)
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.ops if self.ops else func._schema.name not in METADATA_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def host_syncs() -> OpCount:
+    """``aten._local_scalar_dense`` is the op behind ``.item()``, ``bool(t)`` and ``float(t)``: on a GPU each
+    call waits for the device."""
+    return OpCount(torch.ops.aten._local_scalar_dense.default)
+
+
+def matmuls() -> OpCount:
+    aten = torch.ops.aten
+    return OpCount(aten.mm.default, aten.addmm.default, aten.bmm.default)
+
+
+def layer_op_counts(trainer: Trainer, batch) -> dict[str, int]:
+    """Ops of one decoder layer's forward and backward: aten ops (every level) from the profiler; from a
+    dispatch mode, which sees the ops that reach a kernel (after autograd and decompositions), the kernel-like
+    ops and the matmuls run in the forward and in the backward (recomputation included).
+
+    The second layer's inputs are captured during a step and the layer is run again on them alone.
+    """
+    layer = trainer.base.decoder_layers[1]
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured.setdefault("inputs", (args, kwargs))
+
+    handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        trainer.step([batch])
+    finally:
+        handle.remove()
+    args, kwargs = captured["inputs"]
+
+    def replay(forward_mode=contextlib.nullcontext(), backward_mode=contextlib.nullcontext()):
+        with forward_mode:
+            out = layer(args[0].detach().requires_grad_(), *args[1:], **kwargs)
+        with backward_mode:
+            (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+
+    # Separate runs: an active dispatch mode adds profiler events of its own.
+    forward, backward, kernels = matmuls(), matmuls(), OpCount()
+    with kernels:
+        replay(forward, backward)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        replay()
+    aten = sum(event.name.startswith("aten::") for event in profiler.events())
+    return {"aten ops per layer (fwd+bwd)": aten, "kernel-like ops per layer (fwd+bwd)": kernels.count,
+            "matmuls per layer, forward": forward.count, "matmuls per layer, backward": backward.count}
+
+
+def proxy_counts(trainer: Trainer, batch, graphs_before_timing: int) -> dict[str, int]:
+    """Device-independent costs of the step (docs/benchmarks.md, "CPU proxy counts")."""
+    syncs = host_syncs()
+    with syncs:
+        trainer.step([batch], read=False)
+    trainer.flush()
+    return {
+        **layer_op_counts(trainer, batch),
+        "host syncs per step": syncs.count,
+        "graphs compiled in timed steps": counters["stats"]["unique_graphs"] - graphs_before_timing,
+        "graph breaks": sum(counters["graph_break"].values()),
+    }
+
+
+def table_row(args: argparse.Namespace, world: int, result: Measurement, device: torch.device, compiled: bool) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     mfu_text = "n/a" if result.mfu is None else f"{100 * result.mfu:.1f}"
     cells = [args.shape, args.mode, f"{args.size}²", f"{args.batch} × {world}", args.ac,
-             "yes" if args.compile else "no", args.optim, args.attention, str(result.seq_len),
+             "yes" if compiled else "no", args.optim,
+             resolve_attention(args.attention, device), str(result.seq_len),
              f"{result.step_s:.3f}", f"{result.images_per_s:.2f}", f"{result.tokens_per_s:,.0f}",
-             f"{result.peak_gib:.1f}", mfu_text, name]
+             f"{result.peak_gib:.1f}", mfu_text, name, f"{result.min_step_s:.3f}", f"{result.max_step_s:.3f}"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -199,24 +345,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=positive, default=1, help="images per rank per step")
     parser.add_argument("--steps", type=positive, default=10, help="timed steps")
     parser.add_argument("--warmup", type=non_negative, default=2, help="untimed steps first (compilation, state init)")
-    parser.add_argument("--ac", choices=["none", "full", "selective"], default="none",
+    parser.add_argument("--ac", choices=["none", "full", "selective", "op"], default="none",
                         help="activation checkpointing (parallel.activation_checkpointing)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each decoder layer also on CPU (parallel.compile; default auto = CUDA)")
     parser.add_argument("--optim", choices=["adamw", "adamw8bit"], default="adamw")
-    parser.add_argument("--attention", choices=["split", "dense"], default="split")
+    parser.add_argument("--attention", choices=typing.get_args(AttentionKind), default="auto",
+                        help="auto = flex on CUDA, split on CPU; the table names the one that ran")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     parser.add_argument("--text-tokens", type=positive, default=128, help="text part of each sequence")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_TFLOPS, help="for MFU")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other trainer config key, e.g. --set model.dtype=bfloat16 (repeatable)")
     parser.add_argument("--no-header", action="store_true", help="print the table row only")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="write a torch profiler trace of the timed steps to DIR/trace-rank<r>.json")
+    parser.add_argument("--counts", action="store_true",
+                        help="also print the CPU proxy counts (ops per layer, host syncs, recompiles, graph breaks)")
     return parser.parse_args(argv)
+
+
+def compile_setting(args: argparse.Namespace) -> bool | str:
+    return True if args.compile else "auto"
 
 
 def config_overrides(args: argparse.Namespace, shape_dir: Path, output_dir: Path) -> list[str]:
     return [
         f"model.path={toml_literal(str(shape_dir))}", f"train.mode={args.mode}", f"model.attention={args.attention}",
-        f"parallel.activation_checkpointing={args.ac}", f"parallel.compile={str(args.compile).lower()}",
+        f"parallel.activation_checkpointing={args.ac}", f"parallel.compile={toml_literal(compile_setting(args))}",
         f"optim.name={args.optim}", f"train.max_steps={args.warmup + args.steps}",
         f"logging.output_dir={toml_literal(str(output_dir))}", "logging.tensorboard=false", *args.set,
     ]
@@ -229,10 +385,15 @@ def run(args: argparse.Namespace) -> str:
         cfg = load_config(None, config_overrides(args, shape_dir, Path(tmp) / "run"))
         trainer = build_trainer(cfg, env)
         batch = synthetic_batch(trainer, args.size, args.batch, args.text_tokens)
-        result = measure(trainer, batch, args.steps, args.warmup, args.peak_tflops)
-    row = table_row(args, env.world_size, result, env.device)
+        if env.device.type == "cuda":
+            batch = batch.pin_memory()  # as the data loader hands it over: each step copies it asynchronously
+        result = measure(trainer, batch, args.steps, args.warmup, args.peak_tflops, args.profile)
+        counts = proxy_counts(trainer, batch, result.graphs_before_timing) if args.counts else {}
+    row = table_row(args, env.world_size, result, env.device, compile_enabled(cfg.parallel.compile, env.device.type))
     if env.is_main:
         print(row if args.no_header else f"{HEADER}\n{row}", flush=True)
+        for name, value in counts.items():
+            print(f"{name}: {value}", flush=True)
     return row
 
 

@@ -25,7 +25,7 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from hidream_ft.cli import entry_point, image_size
-from hidream_ft.config import ConfigError, ModelDtype, build_table, read_toml
+from hidream_ft.config import AttentionKind, ConfigError, ModelDtype, build_table, read_toml
 from hidream_ft.inference.grid import GridColumn, render_grid, to_pil
 from hidream_ft.convert import load_adapter
 from hidream_ft.lora import lora_applied, lora_label, parse_lora_spec
@@ -86,7 +86,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool) -
     parser.add_argument("--dtype", choices=typing.get_args(ModelDtype), default=None,
                         help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu …; default: cuda if available")
-    parser.add_argument("--attention", choices=["split", "dense"], default="split")
+    parser.add_argument("--attention", choices=typing.get_args(AttentionKind), default="auto",
+                        help="hybrid attention kernel; auto = flex on CUDA, split on CPU")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,10 +7,13 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from hidream_ft.config import Config, ConfigError, DiffusionConfig, to_toml
@@ -18,7 +21,9 @@ from hidream_ft.data import build_pipeline
 from hidream_ft.data.collate import TrainBatch, TrainCollator
 from hidream_ft.data.folders import resolved_folder
 from hidream_ft.data.shards import expand_shards, local_shard_path
-from hidream_ft.flow.objective import add_noise, diffusion_loss, draw_sigmas_and_noise, model_timestep
+from hidream_ft.flow.objective import (
+    add_noise, diffusion_loss, draw_packed_sigmas_and_noise, draw_sigmas_and_noise, model_timestep,
+)
 from hidream_ft.inference.validation import log_validation, render_validation
 from hidream_ft.metrics import MetricsLogger, peak_memory_gib
 from hidream_ft.model.layout import SpecialTokens
@@ -45,32 +50,90 @@ class TrainingAborted(UserError):
     """The run diverged: too many optimizer steps in a row were skipped for a non-finite loss or gradient."""
 
 
+@dataclass
+class StepReading:
+    """One step's values on the host: global mean loss, gradient norm, and the ``sums`` it was given."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    sums: list[float]
+
+
+class HostCopy:
+    """A device tensor copied into pinned host memory without waiting for the device; :meth:`values` then
+    waits for that copy alone. CPU tensors are already on the host."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.done = None
+        self.host = tensor.detach()
+        if tensor.is_cuda:
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def values(self) -> list[float]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.numpy().tolist()  # a host buffer: no device read
+
+
 def master_dtype(cfg: Config) -> torch.dtype:
-    """fp32 master weights for a full fine-tune; a bf16 frozen base under fp32 adapters for LoRA."""
+    """A full fine-tune: bf16 weights with the 8-bit optimizer (its stochastic rounding keeps updates below
+    bf16's resolution), fp32 master weights with torch AdamW. LoRA: a bf16 frozen base under fp32 adapters."""
     if cfg.model.dtype == "auto":
-        return torch.float32 if cfg.train.mode == "full" else torch.bfloat16
+        full_fp32 = cfg.train.mode == "full" and cfg.optim.name != "adamw8bit"
+        return torch.float32 if full_fp32 else torch.bfloat16
     return TORCH_DTYPES[cfg.model.dtype]
 
 
+def frozen_dtype(cfg: Config) -> torch.dtype:
+    """What the frozen parts of a full fine-tune (ViT, embedding table) are stored in: they need no master copy,
+    so the compute dtype (bf16 by default) unless ``model.dtype`` names a dtype for every weight."""
+    return TORCH_DTYPES[cfg.parallel.param_dtype] if cfg.model.dtype == "auto" else TORCH_DTYPES[cfg.model.dtype]
+
+
+def check_base_quantization(cfg: Config) -> None:
+    """A quantized base is frozen and computes in bf16: only LoRA can train on it."""
+    if cfg.model.base_quantization == "none":
+        return
+    if cfg.train.mode != "lora":
+        raise ConfigError(f"model.base_quantization = {cfg.model.base_quantization!r} needs train.mode = 'lora' "
+                          "(quantized weights cannot be trained); use 'none' for a full fine-tune")
+    if cfg.parallel.param_dtype != "bfloat16":
+        raise ConfigError(f"model.base_quantization = {cfg.model.base_quantization!r} computes in bf16: "
+                          "set parallel.param_dtype = 'bfloat16'")
+    if cfg.model.base_quantization == "nf4" and cfg.lora.kind in ("loha", "lokr"):
+        raise ConfigError(f"lora.kind = {cfg.lora.kind!r} cannot wrap the packed 4-bit linears of "
+                          "model.base_quantization = 'nf4': use lora.kind 'lora' or 'dora', or base_quantization 'fp8'")
+
+
 def build_model(cfg: Config, env: DistEnv, tokenizer, load=load_model):
-    """Meta model → LoRA injection or trainable selection → FSDP → materialise → load weights shard-wise.
+    """Meta model → LoRA injection or trainable selection → FSDP → materialise → load weights shard-wise
+    (with a quantized base: materialise → load → quantize → LoRA injection → FSDP of all but the quantized
+    linears). The LM head, unused by image generation, is not built unless a full fine-tune trains it.
 
     ``load`` has :func:`hidream_ft.model.load_model`'s signature (the benchmark passes a random-weight one).
-    Returns (the module to call — the PEFT wrapper in LoRA mode —, the FSDP-sharded HiDreamO1 inside it).
+    Returns (the module to call — the PEFT wrapper in LoRA mode —, the HiDreamO1 inside it: FSDP-sharded on
+    several ranks, plain in one process).
     """
-    mesh = build_mesh(env, cfg.parallel.hsdp)
+    check_base_quantization(cfg)
+    mesh = build_mesh(env, cfg.parallel.hsdp, replicate=cfg.parallel.frozen_base == "replicated")
 
     def prepare(base):
         if cfg.train.mode == "lora":
             model = apply_lora(base, cfg.lora)
         else:
-            set_full_trainable(base, cfg.full)
+            set_full_trainable(base, cfg.full, frozen_dtype(cfg))
             model = base
         parallelize(base, cfg.parallel, mesh)
         return model
 
     model = load(cfg.model.path, weights=cfg.model.weights or None, dtype=master_dtype(cfg), device=env.device,
-                 attention=cfg.model.attention, tokenizer=tokenizer, prepare=prepare)
+                 attention=cfg.model.attention, tokenizer=tokenizer, prepare=prepare,
+                 lm_head=cfg.train.mode == "full" and cfg.full.train_lm_head,
+                 base_quantization=cfg.model.base_quantization)
     if cfg.train.mode == "lora":
         init_lora_weights(model, cfg.train.seed)
         return model, model.base_model.model
@@ -80,17 +143,22 @@ def build_model(cfg: Config, env: DistEnv, tokenizer, load=load_model):
 def compute_loss(model, batch: TrainBatch, diffusion: DiffusionConfig) -> torch.Tensor:
     """One micro-batch: draw σ and ε, noise the target, predict x0, MSE on the target tokens."""
     x0 = batch.x0
-    sigmas, noise = draw_sigmas_and_noise(
-        batch.noise_seeds, x0.shape[1:], x0.device, method=diffusion.timestep_sampling,
-        logit_mean=diffusion.logit_mean, logit_std=diffusion.logit_std, shift=diffusion.shift,
-        sigma_min=diffusion.sigma_min, sigma_max=diffusion.sigma_max,
-    )
-    z = add_noise(x0, noise, sigmas, diffusion.noise_scale)
+    sigma_options = dict(method=diffusion.timestep_sampling, logit_mean=diffusion.logit_mean,
+                         logit_std=diffusion.logit_std, shift=diffusion.shift, sigma_min=diffusion.sigma_min,
+                         sigma_max=diffusion.sigma_max)
+    counts = batch.packed_target_counts
+    if counts is None:
+        sigmas, noise = draw_sigmas_and_noise(batch.noise_seeds, x0.shape[1:], x0.device, **sigma_options)
+        token_sigmas, output = sigmas, dict(output_tokens=batch.layout.num_target_tokens)
+    else:  # a packed row: each sample draws what it draws alone; its σ applies to each of its tokens
+        sigmas, noise = draw_packed_sigmas_and_noise(batch.noise_seeds, counts, x0.shape[-1], x0.device,
+                                                     **sigma_options)
+        token_sigmas, output = sigmas.repeat_interleave(torch.tensor(counts, device=sigmas.device)), {}
+    z = add_noise(x0, noise, token_sigmas, diffusion.noise_scale)
     # Only the target is noised and predicted; reference patches (edit / IP) ride along clean.
-    x_pred = model(**batch.model_inputs(z), timestep=model_timestep(sigmas),
-                   output_tokens=batch.layout.num_target_tokens)
+    x_pred = model(**batch.model_inputs(z), timestep=model_timestep(sigmas), **output)
     return diffusion_loss(x_pred, x0, sigmas, kind=diffusion.loss, sigma_floor=diffusion.velocity_sigma_floor,
-                          sample_weights=batch.weights)
+                          sample_weights=batch.weights, token_counts=counts)
 
 
 class Trainer:
@@ -106,40 +174,85 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank,
                                          env.world_size, trainable_only=cfg.train.mode == "lora", lock=lock)
-        self.skipped_total = 0
-        self.skipped_in_a_row = 0
+        # Device counters, read on the host only with the step's other values (see ``step``).
+        self._skipped_total = torch.zeros((), dtype=torch.int64, device=env.device)
+        self._skipped_in_a_row = torch.zeros((), dtype=torch.int64, device=env.device)
+        self.step_index = 0
+        self._unread: tuple[int, HostCopy] | None = None
+        self.readings: list[StepReading] = []
 
-    def step(self, micro_batches: list[TrainBatch]) -> dict[str, float]:
-        """Forward/backward over the micro-batches, then one guarded optimizer step."""
+    @property
+    def skipped_total(self) -> int:
+        """Optimizer steps skipped for a non-finite loss or gradient (waits for the device)."""
+        return int(self._skipped_total)
+
+    @property
+    def skipped_in_a_row(self) -> int:
+        return int(self._skipped_in_a_row)
+
+    def step(self, micro_batches: list[TrainBatch], *, read: bool = True, sums: Sequence[float] = ()) -> dict:
+        """Forward/backward over the micro-batches, then one optimizer step that the device itself skips when
+        the global loss or gradient norm is not finite (``optimizer.found_inf``, as torch's GradScaler sets it).
+
+        ``sums``: numbers summed across ranks in the step's loss all-reduce (the preemption votes).
+        With ``read``, the host waits for this step and gets floats back ({"loss", "grad_norm", "lr", "sums"}),
+        and a diverged run raises :class:`TrainingAborted` here. Without it nothing waits for the device: the
+        values stay on it ("loss", "grad_norm" are device tensors) while a copy travels to host memory, and
+        they are read one step later, by the next call (or :meth:`flush`). Every step's values arrive exactly
+        once, in order, in :attr:`readings` (the caller drains it).
+        """
         self.model.train()
-        loss_sum = torch.zeros((), device=self.env.device)
+        device = self.env.device
+        loss_sum = torch.zeros((), device=device)
         for index, batch in enumerate(micro_batches):
-            self.base.set_requires_gradient_sync(index == len(micro_batches) - 1)
-            loss = compute_loss(self.model, batch.to(self.env.device), self.cfg.diffusion)
+            if isinstance(self.base, FSDPModule):
+                self.base.set_requires_gradient_sync(index == len(micro_batches) - 1)
+            loss = compute_loss(self.model, batch.to(device), self.cfg.diffusion)
+            if self.cfg.optim.fused_backward:  # the update runs in backward (one micro-batch, no clipping)
+                self.optimizer.begin_backward(loss)
             (loss / len(micro_batches)).backward()
             loss_sum += loss.detach()
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        dist.all_reduce(loss_sum)
-        loss = loss_sum.item() / (len(micro_batches) * self.env.world_size)
-        grad_norm = grad_norm.item()
-        # Both numbers are global (all-reduced), so every rank takes the same branch.
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.optimizer.step()
-            self.skipped_in_a_row = 0
-        else:
-            self.skipped_total += 1
-            self.skipped_in_a_row += 1
-            if self.skipped_in_a_row > self.cfg.train.max_consecutive_skips:
-                raise TrainingAborted(
-                    f"{self.skipped_in_a_row} consecutive steps with a non-finite loss or gradient "
-                    f"(last loss {loss}, grad-norm {grad_norm}); lower optim.lr or check the data"
-                )
+        summed = torch.stack([loss_sum, *(torch.full((), float(value), device=device) for value in sums)])
+        dist.all_reduce(summed)
+        loss = summed[0] / (len(micro_batches) * self.env.world_size)
+        # Both numbers are global (all-reduced), so every rank skips the same steps.
+        skip = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.optimizer.found_inf = skip.float()
+        self.optimizer.step()
+        self._skipped_total += skip
+        self._skipped_in_a_row = (self._skipped_in_a_row + 1) * skip
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+        self.step_index += 1
+        values = torch.stack([loss, grad_norm.to(loss.dtype), self._skipped_in_a_row.to(loss.dtype), *summed[1:]])
+        self.flush()
+        if not read:
+            self._unread = (self.step_index, HostCopy(values))
+            return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+        reading = self._take(self.step_index, [value.item() for value in values.cpu()])
+        return {"loss": reading.loss, "grad_norm": reading.grad_norm, "lr": lr, "sums": reading.sums}
+
+    def flush(self) -> None:
+        """Read the values of the step that was left unread (waiting for that step only)."""
+        if self._unread is not None:
+            index, copy = self._unread
+            self._unread = None
+            self._take(index, copy.values())
+
+    def _take(self, index: int, values: list[float]) -> StepReading:
+        loss, grad_norm, in_a_row, *sums = values
+        reading = StepReading(index, loss, grad_norm, sums)
+        self.readings.append(reading)
+        if in_a_row > self.cfg.train.max_consecutive_skips:
+            raise TrainingAborted(
+                f"{int(in_a_row)} consecutive steps with a non-finite loss or gradient "
+                f"(last loss {loss}, grad-norm {grad_norm}); lower optim.lr or check the data"
+            )
+        return reading
 
     def meta(self) -> dict:
         lora = self.cfg.lora
@@ -147,8 +260,10 @@ class Trainer:
             "mode": self.cfg.train.mode,
             "model_path": str(self.cfg.model.path),
             "skipped_steps": self.skipped_total,
-            "lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
-                     "use_rslora": lora.use_rslora, "target_modules": self.model.peft_config["default"].target_modules}
+            "lora": {"kind": lora.kind, "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                     "use_rslora": lora.use_rslora, "lokr_factor": lora.lokr_factor,
+                     "lokr_decompose_both": lora.lokr_decompose_both,
+                     "target_modules": self.model.peft_config["default"].target_modules}
             if self.cfg.train.mode == "lora" else None,
         }
 
@@ -160,6 +275,7 @@ class Trainer:
         if path is None:
             return 0, None
         step, data_state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler)
+        self.step_index = step
         return step, data_state
 
     def save_adapter(self) -> Path | None:
@@ -182,6 +298,7 @@ def check_inputs(cfg: Config) -> None:
     """Stop before the model loads (minutes for the 8B weights) if a path the run reads does not exist or the
     LoRA targets name no known module."""
     load_hf_config(cfg.model.path)
+    check_base_quantization(cfg)
     if cfg.train.mode == "lora":
         lora_target_regex(cfg.lora)
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
@@ -204,6 +321,16 @@ def finish_complete_run(trainer: Trainer, step: int) -> dict:
         print(f"the run is already complete at step {step} (train.max_steps = {trainer.cfg.train.max_steps}); "
               f"nothing to train{written}", file=sys.stderr)
     return {"history": {}, "skipped": trainer.skipped_total, "step": step}
+
+
+def drain_readings(trainer: Trainer, preemption: PreemptionHandler, history: dict[int, float]) -> bool:
+    """Take the step values that reached the host into ``history`` and the preemption decision; whether the
+    ranks agreed to stop."""
+    for reading in trainer.readings:
+        history[reading.step] = reading.loss
+        preemption.agree(reading.sums)
+    trainer.readings.clear()
+    return preemption.stop_agreed
 
 
 def run(cfg: Config) -> dict:
@@ -244,15 +371,21 @@ def train_locked(cfg: Config, env: DistEnv, preemption: PreemptionHandler, lock:
     step = start_step
     last_saved = start_step
     tick = time.perf_counter()
+    last_loss = math.nan
     for step, micro_batches in pipeline.iterate(start_step=start_step, grad_accum=cfg.train.grad_accum):
-        stats = trainer.step(micro_batches)
         done = step + 1
-        history[done] = stats["loss"]
+        logging = done % cfg.logging.log_every == 0 or done == cfg.train.max_steps
+        checkpointing = bool(cfg.checkpoint.every) and done % cfg.checkpoint.every == 0
+        # Other steps are not read at once: their values (and the preemption votes summed in the step's
+        # all-reduce) reach the host one step later, so every rank still stops at the same step.
+        stats = trainer.step(micro_batches, read=logging or checkpointing, sums=preemption.votes())
+        stop = drain_readings(trainer, preemption, history)
+        last_loss = history.get(done, history.get(done - 1, last_loss))  # the newest loss on the host
         elapsed, tick = time.perf_counter() - tick, time.perf_counter()
         samples = sum(b.size for b in micro_batches) * env.world_size
-        tokens = samples * micro_batches[0].layout.num_target_tokens
-        log.progress(done, stats["loss"], stats["lr"])
-        if done % cfg.logging.log_every == 0 or done == cfg.train.max_steps:
+        tokens = sum(b.target_tokens for b in micro_batches) * env.world_size
+        log.progress(done, last_loss, stats["lr"])
+        if logging:
             log.scalars(done, {
                 "train/loss": stats["loss"], "train/lr": stats["lr"], "train/grad_norm": stats["grad_norm"],
                 "train/skipped_steps": trainer.skipped_total, "perf/samples_per_s": samples / elapsed,
@@ -265,11 +398,11 @@ def train_locked(cfg: Config, env: DistEnv, preemption: PreemptionHandler, lock:
             images = render_validation(trainer.model, trainer.tokenizer, trainer.tokens, cfg.validation, env.device)
             if log.writer is not None:
                 log_validation(log.writer, done, images)
-        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
+        if checkpointing:
             trainer.save_checkpoint(done, pipeline.state_dict())
             last_saved = done
         step = done
-        if preemption.should_stop():  # a collective: every rank asks every step and all stop together
+        if stop:
             if last_saved != done:
                 trainer.save_checkpoint(done, pipeline.state_dict())
             log.close()
@@ -279,6 +412,8 @@ def train_locked(cfg: Config, env: DistEnv, preemption: PreemptionHandler, lock:
         # after the last trained step.
         if done == cfg.train.max_steps:
             break
+    trainer.flush()
+    drain_readings(trainer, preemption, history)
     preemption.uninstall()
     if step > last_saved:
         trainer.save_checkpoint(step, pipeline.state_dict())

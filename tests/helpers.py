@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from hidream_ft.config import load_config
 from hidream_ft.data import Sample, build_pipeline, list_of_samples
+from hidream_ft.model import SpecialTokens, build_t2i_layout, load_hf_config, load_tokenizer
 from hidream_ft.parallel.distributed import init_distributed
 from hidream_ft.trainer import Trainer
 
@@ -75,6 +76,22 @@ def quantized_pixels(height: int, width: int, seed: int) -> torch.Tensor:
     """Random pixels as an 8-bit image decodes to: [3, H, W] in [-1, 1]."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (3, height, width), generator=g).float() / 127.5 - 1.0
+
+
+def forward_inputs(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Keyword arguments of one HiDreamO1 forward of the checkpoint: a 64×96 text-to-image layout, random
+    target patches and a timestep."""
+    tokenizer = load_tokenizer(checkpoint)
+    tokens = SpecialTokens.from_tokenizer(tokenizer, load_hf_config(checkpoint))
+    layout = build_t2i_layout(tokenizer, tokens, "a red circle", height=64, width=96)
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": layout.input_ids[None],
+        "position_ids": layout.position_ids[:, None],
+        "vinputs": torch.randn(1, layout.num_target_tokens, 3072, generator=generator),
+        "timestep": torch.tensor([0.37]),
+        "token_types": layout.token_types[None],
+    }
 
 
 def t2i_samples() -> list[Sample]:

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
+from helpers import forward_inputs
 from hidream_ft.convert import load_adapter, load_source, merge_checkpoint
 from hidream_ft.convert.__main__ import main
 from hidream_ft.convert.merge import StreamingSafetensorsWriter
@@ -25,9 +26,7 @@ from hidream_ft.lora import (
     read_lora_file, read_peft_dir, stack_adapters, write_lora,
 )
 from hidream_ft.lora.keys import ModuleIndex, architecture_index
-from hidream_ft.model import (
-    CheckpointError, SpecialTokens, build_t2i_layout, load_hf_config, load_model, load_tokenizer,
-)
+from hidream_ft.model import CheckpointError, load_model
 from hidream_ft.testing.tiny import write_tiny_checkpoint
 
 DECODER_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -42,17 +41,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs(base):
-    tokenizer = load_tokenizer(base)
-    tokens = SpecialTokens.from_tokenizer(tokenizer, load_hf_config(base))
-    layout = build_t2i_layout(tokenizer, tokens, "a red circle", height=64, width=96)
-    generator = torch.Generator().manual_seed(0)
-    return {
-        "input_ids": layout.input_ids[None],
-        "position_ids": layout.position_ids[:, None],
-        "vinputs": torch.randn(1, layout.num_target_tokens, 3072, generator=generator),
-        "timestep": torch.tensor([0.37]),
-        "token_types": layout.token_types[None],
-    }
+    return forward_inputs(base)
 
 
 def peft_lora_model(base, seed=0, target=DECODER_TARGETS, **config):

@@ -51,3 +51,28 @@ def test_checkpoints_reshard(tiny_checkpoint, tmp_path, save_ranks, load_ranks):
         assert resumed["losses"][step] == pytest.approx(straight["losses"][step], rel=1e-5, abs=1e-6)
     for key, values in straight["params"].items():
         assert resumed["params"][key] == pytest.approx(values, rel=1e-3, abs=1e-5), key
+
+
+def test_checkpoints_go_from_one_process_to_two_and_back(tiny_checkpoint, tmp_path):
+    """One process trains a plain module, two an FSDP-sharded one; DCP reshards between them."""
+    run = tmp_path / "run"
+    straight = run_worker(tiny_checkpoint, tmp_path, "straight", 1, 4, tmp_path / "s", "full")
+    run_worker(tiny_checkpoint, tmp_path, "first", 1, 4, run, "full", "--save-at", 2)
+    run_worker(tiny_checkpoint, tmp_path, "second", 2, 4, run, "full", "--resume", "--save-at", 3)
+    resumed = run_worker(tiny_checkpoint, tmp_path, "third", 1, 4, run, "full", "--resume")
+    assert list(resumed["losses"]) == ["4"]
+    assert resumed["losses"]["4"] == pytest.approx(straight["losses"]["4"], rel=1e-5, abs=1e-6)
+    for key, values in straight["params"].items():
+        assert resumed["params"][key] == pytest.approx(values, rel=1e-3, abs=1e-5), key
+
+
+def test_a_replicated_frozen_base_is_not_sharded_and_matches_one_rank(tiny_checkpoint, tmp_path):
+    one = run_worker(tiny_checkpoint, tmp_path, "one", 1, 3, tmp_path / "r1", "lora")
+    sharded = run_worker(tiny_checkpoint, tmp_path, "sharded", 2, 3, tmp_path / "r2", "lora")
+    replicated = run_worker(tiny_checkpoint, tmp_path, "replicated", 2, 3, tmp_path / "r3", "lora",
+                            *set_flags("parallel.frozen_base=replicated"))
+    assert sharded["frozen_shards"] > 0 and replicated["frozen_shards"] == 0
+    for step, loss in one["losses"].items():
+        assert replicated["losses"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    for key, values in one["params"].items():
+        assert replicated["params"][key] == pytest.approx(values, rel=1e-3, abs=1e-5), key

@@ -33,7 +33,7 @@ def one_error_line(capsys) -> str:
 
 def test_every_command_is_a_console_script():
     expected = {"hidream-ft-train", "hidream-ft-sample", "hidream-ft-convert", "hidream-ft-pack", "hidream-ft-submit",
-                "hidream-ft-bench", "hidream-ft-demo", "hidream-ft-data-bench"}
+                "hidream-ft-bench", "hidream-ft-demo", "hidream-ft-data-bench", "hidream-ft-plan"}
     assert expected <= set(SCRIPTS)
     installed = {script.name: script.value for script in entry_points(group="console_scripts")}
     assert {name: installed.get(name) for name in SCRIPTS} == SCRIPTS, "reinstall: pip install --no-deps -e ."

@@ -62,6 +62,19 @@ def test_a_requeue_request_outranks_a_stop(recorded_usr2):
         assert handler.should_stop() and handler.requeue_requested
 
 
+def test_votes_summed_elsewhere_decide_the_stop_without_a_collective(recorded_usr2):
+    with PreemptionHandler() as handler:
+        assert handler.votes() == [0.0, 0.0]
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert handler.votes() == [1.0, 0.0]
+        assert not handler.agree([0.0, 0.0]) and not handler.stop_agreed  # the sums do not hold it yet
+        assert handler.agree([1.0, 0.0]) and not handler.requeue_requested
+        assert handler.agree([0.0, 0.0]) and handler.stop_agreed  # once agreed, it stays
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert handler.votes() == [1.0, 1.0]
+        assert handler.agree([2.0, 1.0]) and handler.requeue_requested
+
+
 def test_uninstall_restores_the_previous_handlers(recorded_usr2):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2)
     with PreemptionHandler():

@@ -149,7 +149,7 @@ def _hidden_of_last_layer(model, batch, vinputs, timestep):
     return captured["h"], x_pred
 
 
-@pytest.mark.parametrize("attention", ["split", "dense"])
+@pytest.mark.parametrize("attention", ["split", "dense", "flex"])
 def test_text_tokens_never_see_the_image_or_timestep(tiny_model, tokenizer, tokens, attention):
     tiny_model.attention = attention
     batch, vinputs, timestep = _inputs(tokenizer, tokens, ["a red circle"])
@@ -181,7 +181,7 @@ def test_split_attention_equals_the_dense_reference(tiny_model, tokenizer, token
     torch.testing.assert_close(split, dense, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["split", "dense"])
+@pytest.mark.parametrize("attention", ["split", "dense", "flex"])
 def test_batch_with_different_prompt_lengths_equals_each_alone(tiny_model, tokenizer, tokens, attention):
     tiny_model.attention = attention
     prompts = ["a red circle", "the quick brown fox jumps over the lazy dog"]

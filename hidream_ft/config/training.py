@@ -19,6 +19,8 @@ from hidream_ft.flow.noise import NOISE_SCALE
 
 # Weights dtype of the trainer and the sampler; "auto" lets each pick for its device and mode.
 ModelDtype = Literal["auto", "bfloat16", "float32"]
+# The hybrid attention's implementation (hidream_ft.model.attention); "auto": flex on CUDA, split elsewhere.
+AttentionKind = Literal["auto", "dense", "split", "flex"]
 
 
 @dataclass
@@ -28,20 +30,37 @@ class ModelConfig:
     # tokenizer and processor files): e.g. a ComfyUI single-file checkpoint. Empty: the weights in `path`.
     weights: str = ""
     dtype: ModelDtype = "auto"
-    attention: Literal["split", "dense"] = "split"
+    attention: AttentionKind = "auto"
+    # LoRA only: the frozen decoder linears stored in NF4 or fp8, computing in bf16 (docs/memory.md).
+    base_quantization: Literal["none", "nf4", "fp8"] = "none"
 
 
 @dataclass
 class LoraConfig:
+    kind: Literal["lora", "dora", "loha", "lokr"] = "lora"
     rank: int = 32
     alpha: float = 32.0
     dropout: float = 0.0
     use_rslora: bool = False
+    lokr_factor: int = -1  # LoKr: PEFT's decompose_factor (-1: factors near the square root of each dimension)
+    lokr_decompose_both: bool = False  # LoKr: also write the first Kronecker factor as a rank-r product
     targets: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     train_heads: list[str] = field(default_factory=list)
     include_visual: bool = False
+
+    def validate(self, where: str) -> None:
+        if self.kind in ("loha", "lokr"):
+            # PEFT's LoHa and LoKr have neither rsLoRA nor dropout on the input.
+            for key, value in (("dropout", self.dropout), ("use_rslora", self.use_rslora)):
+                if value:
+                    raise ConfigError(f"{where}.{key}: applies to kind 'lora' and 'dora' only, got kind {self.kind!r}")
+        elif self.lokr_factor != -1 or self.lokr_decompose_both:
+            raise ConfigError(f"{where}.lokr_factor / lokr_decompose_both: apply to kind 'lokr' only, "
+                              f"got kind {self.kind!r}")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ConfigError(f"{where}.lokr_factor: -1 or a positive factor, got {self.lokr_factor}")
 
 
 @dataclass
@@ -75,13 +94,14 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0
-    stochastic_rounding: bool = False  # adamw8bit: round bf16 weight updates stochastically (docs/optimizers.md)
+    stochastic_rounding: bool = True  # adamw8bit: round bf16 weight updates stochastically (docs/optimizers.md)
+    fused_backward: bool = False  # adamw8bit: update each parameter during backward, freeing its gradient
 
     def validate(self, where: str) -> None:
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ConfigError(f"{where}.betas: expected two numbers in [0, 1) such as [0.9, 0.999], got {self.betas}")
-        if self.stochastic_rounding and self.name != "adamw8bit":
-            raise ConfigError(f"{where}.stochastic_rounding: only optim.name = 'adamw8bit' implements it, "
+        if self.fused_backward and self.name != "adamw8bit":
+            raise ConfigError(f"{where}.fused_backward: only optim.name = 'adamw8bit' implements it, "
                               f"got optim.name = {self.name!r}")
 
 
@@ -144,6 +164,7 @@ class DataStage:
     area: int | None = None
     buckets: list[list[int]] = field(default_factory=list)
     batch_size: int | None = None
+    max_tokens: int | None = None  # packed micro-batches of this many tokens instead of batch_size (docs/data.md)
 
     def validate(self, where: str) -> None:
         if self.until_step is not None and self.until_step < 1:
@@ -154,6 +175,10 @@ class DataStage:
             raise ConfigError(f"{where}.area: must be at least {32 * 32} pixels (one 32x32 patch), got {self.area}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"{where}.batch_size: must be at least 1, got {self.batch_size}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"{where}.max_tokens: must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None and self.batch_size is not None:
+            raise ConfigError(f"{where}: set either batch_size or max_tokens, not both")
         check_buckets(self.buckets, f"{where}.buckets")
 
 
@@ -180,6 +205,9 @@ class DataConfig:
     prefetch_factor: int = 2
     pin_memory: bool = True
     max_text_tokens: int = 512
+    # > 0: micro-batches packed up to this many tokens, mixing sizes and tasks, instead of train.batch_size
+    # images of one bucket (folders only; docs/data.md, "Packing").
+    max_tokens: int = 0
     # Shards: where a sample's caption is, first non-blank wins: a member suffix, or "json:" and a .json field.
     shard_captions: list[str] = field(default_factory=lambda: ["txt", "caption", "json:caption", "json:text"])
     missing_control: Literal["skip", "error"] = "skip"  # a target without its control image (edit / IP)
@@ -210,6 +238,7 @@ class DataConfig:
             ("shuffle_buffer", self.shuffle_buffer, 1, float("inf")),
             ("num_workers", self.num_workers, 0, float("inf")),
             ("prefetch_factor", self.prefetch_factor, 1, float("inf")),
+            ("max_tokens", self.max_tokens, 0, float("inf")),
         ]:
             if not low <= value <= high:
                 bounds = f"at least {low}" if high == float("inf") else f"between {low} and {high}"
@@ -232,17 +261,25 @@ class DataConfig:
                 )
         for i, stage in enumerate(self.stages):
             stage.validate(f"{where}.stages[{i}]")
+        if self.shards and (self.max_tokens or any(stage.max_tokens for stage in self.stages)):
+            raise ConfigError(f"{where}.max_tokens: packed micro-batches are planned for data.folders only; use "
+                              "batch sizes with shards")
 
 
 @dataclass
 class ParallelConfig:
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    activation_checkpointing: Literal["none", "full", "selective", "op"] = "none"
     ac_every: int = 2
     hsdp: bool = False
+    # "replicated": every rank holds the frozen base whole (no all-gathers); only trainable weights' gradients
+    # are all-reduced. Trades memory for communication (docs/cluster.md).
+    frozen_base: Literal["sharded", "replicated"] = "sharded"
     param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     reduce_dtype: Literal["bfloat16", "float32"] = "float32"
     reshard_after_forward: bool = True
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"
+    # "cpu": FSDP keeps the sharded parameters (and their gradients and optimizer state) in CPU memory.
+    offload: Literal["none", "cpu"] = "none"
 
     def validate(self, where: str) -> None:
         if self.ac_every < 1:
@@ -303,6 +340,18 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     # Parameter grids for launch.submit (dotted key → list of values); the trainer ignores it.
     sweep: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        if self.optim.fused_backward:
+            # Each parameter is updated as soon as its gradient exists, before the others have theirs.
+            if self.train.grad_accum > 1:
+                raise ConfigError("optim.fused_backward updates the weights during each backward pass, so "
+                                  "gradients cannot accumulate over micro-batches: set train.grad_accum = 1 "
+                                  f"(got {self.train.grad_accum}) or optim.fused_backward = false")
+            if self.optim.grad_clip > 0:
+                raise ConfigError("optim.fused_backward updates each weight before the global gradient norm is "
+                                  "known, so it cannot clip: set optim.grad_clip = 0 "
+                                  f"(got {self.optim.grad_clip}) or optim.fused_backward = false")
 
 
 def _relative_to_file(table: dict, folder: Path) -> None:

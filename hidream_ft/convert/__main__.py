@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from hidream_ft.cli import entry_point
-from hidream_ft.convert.merge import DEFAULT_SHARD_BYTES, LAYOUTS, merge_checkpoint, weight_shapes
+from hidream_ft.convert.merge import DEFAULT_SHARD_BYTES, LAYOUTS, base_weights, merge_checkpoint, weight_shapes
 from hidream_ft.convert.sources import FullWeights, load_adapter, load_source
 from hidream_ft.lora import (
     WRITABLE_STYLES, ConvertError, check_fits, describe, parse_lora_keys, parse_lora_spec, stack_adapters, write_lora,
@@ -47,7 +47,7 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * _UNITS[(match[2] or "b").lower()])
 
 
-def _base_dir(explicit: str | None, metadata: list[dict[str, str]]) -> Path:
+def _found_base_dir(explicit: str | None, metadata: list[dict[str, str]]) -> Path | None:
     """--base, else the base model recorded by training, if that directory exists here."""
     if explicit:
         return Path(explicit)
@@ -55,7 +55,14 @@ def _base_dir(explicit: str | None, metadata: list[dict[str, str]]) -> Path:
         recorded = meta.get(META + "base_model")
         if recorded and Path(recorded).is_dir():
             return Path(recorded)
-    raise ConvertError("no base model: pass --base DIR (the HiDream-O1-Image folder the adapter was trained on)")
+    return None
+
+
+def _base_dir(explicit: str | None, metadata: list[dict[str, str]]) -> Path:
+    base = _found_base_dir(explicit, metadata)
+    if base is None:
+        raise ConvertError("no base model: pass --base DIR (the HiDream-O1-Image folder the adapter was trained on)")
+    return base
 
 
 def cmd_export(args) -> None:
@@ -66,7 +73,8 @@ def cmd_export(args) -> None:
         adapter.metadata[META + "trigger"] = args.trigger
     if chosen_dtype(args.dtype) is not None:
         adapter = adapter.to(chosen_dtype(args.dtype))
-    print(write_lora(adapter, args.to, args.out))
+    base = _found_base_dir(args.base, [adapter.metadata])  # read only by formats that need it (DoRA for ComfyUI)
+    print(write_lora(adapter, args.to, args.out, base_weights(base) if base is not None else None))
 
 
 def cmd_inspect(args) -> None:
@@ -132,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("source")
     export.add_argument("--to", required=True, choices=WRITABLE_STYLES)
     export.add_argument("--out", required=True, help="a directory for peft, a .safetensors file otherwise")
-    export.add_argument("--base", help="check the adapter's shapes against this base model directory")
+    export.add_argument("--base", help="check the adapter's shapes against this base model directory (a DoRA for "
+                        "comfyui needs it; default: the one recorded by training)")
     export.add_argument("--trigger", help="trigger phrase for the file header (default: data.trigger of the run)")
     export.add_argument("--dtype", choices=DTYPE_CHOICES, default="keep")
     export.set_defaults(run=cmd_export)

@@ -1,6 +1,8 @@
 """Fold LoRAs and full fine-tunes into the base model; write the official HF layout or one ComfyUI file.
 
-    W' = W_ft (or W_base) + Σᵢ weightᵢ · scaleᵢ · Bᵢ · Aᵢ          (computed in fp32, then cast)
+    W' = W + Σᵢ weightᵢ · ΔWᵢ(W),   W = W_ft or W_base             (computed in fp32, then cast)
+
+with ΔW = scale · B · A for a LoRA and each other kind's own update (:mod:`hidream_ft.lora.adapter`).
 
 Streaming: the base shards are memory-mapped and processed one tensor at a time, and each output file is
 written tensor by tensor behind a header laid out in advance (:class:`StreamingSafetensorsWriter`). Peak
@@ -34,7 +36,7 @@ import torch
 
 from hidream_ft.convert.sources import TensorSource
 from hidream_ft.errors import listing
-from hidream_ft.lora import ConvertError, LoraAdapter, LoraModule, check_fits
+from hidream_ft.lora import AdapterModule, ConvertError, LoraAdapter, check_fits
 from hidream_ft.model.dtypes import SAFETENSORS_DTYPES, TORCH_DTYPES, dtype_name, safetensors_code
 from hidream_ft.model.loading import COMFYUI_OMITTED, INDEX_FILE, SINGLE_FILE, weight_files
 from hidream_ft.model.safetensors_io import open_safetensors
@@ -110,6 +112,17 @@ def weight_shapes(base_dir: str | Path) -> dict[str, tuple[int, ...]]:
         with open_safetensors(file) as f:
             shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys() if files.get(key) == file})
     return shapes
+
+
+def base_weights(base_dir: str | Path) -> Callable[[str], torch.Tensor]:
+    """A module path's base weight (``<path>.weight``), read from the checkpoint when asked for."""
+    files = weight_files(base_dir)
+
+    def read(path: str) -> torch.Tensor:
+        with open_safetensors(files[f"{path}.weight"]) as f:
+            return f.get_tensor(f"{path}.weight")
+
+    return read
 
 
 def _check_full(full: TensorSource, shapes: dict[str, tuple[int, ...]], base_dir: Path) -> None:
@@ -196,7 +209,7 @@ def merge_checkpoint(
                            "a single file lacks its config, tokenizer (and maybe lm_head and DeepStack mergers)")
     files = weight_files(base_dir)
     metadata = {"format": "pt", **(metadata or {})}
-    deltas: dict[str, list[tuple[LoraModule, float]]] = defaultdict(list)
+    deltas: dict[str, list[tuple[AdapterModule, float]]] = defaultdict(list)
     for adapter, weight in loras:
         for path, module in adapter.modules.items():
             deltas[f"{path}.weight"].append((module, weight))
@@ -216,7 +229,10 @@ def merge_checkpoint(
             if entry.key in deltas:
                 merged = tensor.to(torch.float32, copy=True)
                 for module, weight in deltas[entry.key]:
-                    merged.addmm_(module.up.float(), module.down.float(), alpha=weight * module.scale)
+                    if module.kind == "lora":
+                        merged.addmm_(module.up.float(), module.down.float(), alpha=weight * module.scale)
+                    else:  # relative to the unmerged weight, so stacked adapters add up in any order
+                        merged.add_(module.delta(tensor), alpha=weight)
                 tensor = merged
             return tensor.to(entry.dtype)
 

@@ -1,7 +1,7 @@
 """What the converters read: training outputs, other tools' LoRA files and full fine-tune weights.
 
     run dir       <logging.output_dir>/ — its adapter/ if present, else the newest complete checkpoint
-    step dir      checkpoints/step-00000100/ — a LoRA or a full fine-tune, as meta.json says
+    step dir      checkpoints/step-00000100/ — an adapter (of its kind) or a full fine-tune, as meta.json says
     PEFT dir      adapter_config.json + adapter_model.safetensors (the trainer's final adapter/)
     .safetensors  a LoRA in any known key style, or a full state dict under the official model keys
 
@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from hidream_ft.lora import ConvertError, LoraAdapter, adapter_from_peft_state, read_lora_file, read_peft_dir
+from hidream_ft.lora import (
+    ConvertError, LoraAdapter, adapter_from_peft_state, peft_lora_config, read_lora_file, read_peft_dir,
+)
 from hidream_ft.lora.formats import META, PEFT_CONFIG
 from hidream_ft.lora.keys import is_lora_key
 from hidream_ft.model.safetensors_io import open_safetensors
@@ -101,8 +103,11 @@ def _read_step_dir(step_dir: Path) -> LoraAdapter | FullWeights:
     lora = meta.get("lora") or {}
     if "alpha" not in lora:
         raise ConvertError(f"{step_dir / STEP_META}: LoRA checkpoint without lora.alpha")
-    config = {"lora_alpha": lora["alpha"], "use_rslora": lora.get("use_rslora", False),
-              "target_modules": lora.get("target_modules")}
+    # A checkpoint from before adapter kinds existed is a plain LoRA.
+    config = peft_lora_config(lora.get("rank", 1), lora["alpha"], kind=lora.get("kind", "lora"),
+                              use_rslora=lora.get("use_rslora", False), target_modules=lora.get("target_modules"),
+                              lokr_factor=lora.get("lokr_factor", -1),
+                              lokr_decompose_both=lora.get("lokr_decompose_both", False)).to_dict()
     adapter = adapter_from_peft_state(state, config, str(step_dir))
     adapter.metadata = {**adapter.metadata, **info}
     return adapter

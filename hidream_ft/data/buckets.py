@@ -74,15 +74,18 @@ class Stage:
     until_step: int | None  # None: until the end of training
     buckets: tuple[Bucket, ...]
     batch_size: int
+    max_tokens: int = 0  # > 0: packed micro-batches of up to this many tokens, batch_size unused
 
     def describe(self) -> str:
         end = "the end" if self.until_step is None else f"step {self.until_step}"
-        return f"stage {self.index} (steps {self.first_step} to {end}, batch {self.batch_size}/rank)"
+        batch = f"{self.max_tokens} tokens" if self.max_tokens else f"batch {self.batch_size}"
+        return f"stage {self.index} (steps {self.first_step} to {end}, {batch}/rank)"
 
 
 def resolve_stages(cfg: DataConfig, default_batch_size: int) -> list[Stage]:
     """Stages from ``[[data.stages]]``, or one stage from the top-level buckets and the trainer's batch size.
-    A stage without ``area`` or ``buckets`` inherits the top-level ones; the last stage runs forever."""
+    A stage without ``area`` or ``buckets`` inherits the top-level ones, one without ``batch_size`` or
+    ``max_tokens`` the top-level ``data.max_tokens`` (when set) or the batch size; the last stage runs forever."""
     if default_batch_size < 1:
         raise ConfigError(f"train.batch_size: must be at least 1, got {default_batch_size}")
     specs = cfg.stages or [None]
@@ -99,9 +102,13 @@ def resolve_stages(cfg: DataConfig, default_batch_size: int) -> list[Stage]:
         else:
             buckets = _generated(cfg.area, cfg, "data.area")
         batch_size = spec.batch_size if spec is not None and spec.batch_size is not None else default_batch_size
+        if spec is not None and spec.max_tokens is not None:
+            max_tokens = spec.max_tokens
+        else:
+            max_tokens = 0 if spec is not None and spec.batch_size is not None else cfg.max_tokens
         last = i == len(specs) - 1
         until_step = None if spec is None or last else spec.until_step
-        stages.append(Stage(i, first_step, until_step, tuple(buckets), batch_size))
+        stages.append(Stage(i, first_step, until_step, tuple(buckets), batch_size, max_tokens))
         first_step = until_step if until_step is not None else first_step
     return stages
 

@@ -3,19 +3,23 @@ off the GPU loop)."""
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
 from hidream_ft.config import ConfigError
+from hidream_ft.data.planner import PackedSamples
 from hidream_ft.model.errors import ModelInputError
-from hidream_ft.model.patches import patchify
+from hidream_ft.model.patches import patchify, pixels_from_uint8, uint8_from_pixels
 from hidream_ft.model.layout import (
-    LayoutBatch, SpecialTokens, build_t2i_layout, chat_prompt_ids, collate_layouts, truncate_caption,
+    LayoutBatch, PackedLayout, SampleLayout, SpecialTokens, build_t2i_layout, chat_prompt_ids, collate_layouts,
+    truncate_caption,
 )
 from hidream_ft.model.conditioning import ConditionProcessor, ImageConditions
-from hidream_ft.model.reference_layout import build_reference_layout, collate_reference_layouts, generation_inputs
+from hidream_ft.model.reference_layout import (
+    ReferenceLayout, build_reference_layout, collate_reference_layouts, generation_inputs, pack_sample_layouts,
+)
 
 
 @contextmanager
@@ -27,10 +31,21 @@ def _naming_the_sample(key: str):
         raise ModelInputError(f"sample {key}: {e}") from None
 
 
-@dataclass
+def _copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An asynchronous host-to-device copy from page-locked memory when the device is CUDA (the DataLoader's
+    pin-memory thread has usually pinned the batch already)."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+@dataclasses.dataclass
 class TrainBatch:
-    layout: LayoutBatch
-    x0: torch.Tensor  # [B, N_target, 3072] clean target patches
+    layout: LayoutBatch | PackedLayout
+    # [B, N_target, 3072] clean target patches ([Σ N_target, 3072] in row order when packed) as the worker sends
+    # them: 8-bit codes, a quarter of float32 to pass between processes and copy to the device; float32 pixels
+    # when they are not 8-bit values (synthetic samples). ``x0`` gives float32 pixels wherever the batch is.
+    target: torch.Tensor
     weights: torch.Tensor  # [B] per-sample loss weights
     keys: list[str]
     noise_seeds: list[int]  # one per sample: its σ and ε are drawn from this seed
@@ -38,12 +53,31 @@ class TrainBatch:
 
     @property
     def size(self) -> int:
-        return self.x0.shape[0]
+        return len(self.keys)
+
+    @property
+    def x0(self) -> torch.Tensor:
+        """The clean target patches as float32 in [-1, 1], computed where the batch is (the device after ``to``)."""
+        return pixels_from_uint8(self.target) if self.target.dtype == torch.uint8 else self.target
+
+    @property
+    def target_tokens(self) -> int:
+        """Target (predicted) tokens in the micro-batch."""
+        return self.target.shape[:-1].numel()
+
+    @property
+    def packed_target_counts(self) -> list[int] | None:
+        """Target tokens of each sample of a packed batch; None for an ordinary one."""
+        return self.layout.target_counts if isinstance(self.layout, PackedLayout) else None
 
     def to(self, device: torch.device | str) -> "TrainBatch":
-        return TrainBatch(self.layout.to(device), self.x0.to(device, non_blocking=True),
-                          self.weights.to(device, non_blocking=True), self.keys, self.noise_seeds,
-                          None if self.conditions is None else self.conditions.to(device))
+        device = torch.device(device)
+        return TrainBatch(self.layout.to(device), _copy_to(self.target, device), _copy_to(self.weights, device),
+                          self.keys, self.noise_seeds, None if self.conditions is None else self.conditions.to(device))
+
+    def pin_memory(self) -> "TrainBatch":
+        """Called by the DataLoader's pin-memory thread (``data.pin_memory`` on CUDA machines)."""
+        return dataclasses.replace(self, target=self.target.pin_memory(), weights=self.weights.pin_memory())
 
     def model_inputs(self, noisy_target: torch.Tensor) -> dict:
         """``HiDreamO1.forward`` keyword arguments but the timestep; the references follow the noisy target."""
@@ -67,18 +101,24 @@ class TextToImageCollator:
         return truncate_caption(self.tokenizer, sample.caption, self.max_caption_tokens)
 
     def __call__(self, samples) -> TrainBatch:
-        layouts = []
-        for sample in samples:
-            _, height, width = sample.pixels.shape
-            with _naming_the_sample(sample.key):
-                layouts.append(build_t2i_layout(self.tokenizer, self.tokens, self.caption(sample), height, width,
-                                                self.max_text_tokens))
-        return self.batch(samples, collate_layouts(layouts, self.tokens.pad))
+        return self.batch(samples, collate_layouts([self._t2i_layout(s) for s in samples], self.tokens.pad))
 
-    def batch(self, samples, layout: LayoutBatch, conditions: ImageConditions | None = None) -> TrainBatch:
+    def _t2i_layout(self, sample) -> SampleLayout:
+        _, height, width = sample.pixels.shape
+        with _naming_the_sample(sample.key):
+            return build_t2i_layout(self.tokenizer, self.tokens, self.caption(sample), height, width,
+                                    self.max_text_tokens)
+
+    def batch(self, samples, layout: LayoutBatch | PackedLayout,
+              conditions: ImageConditions | None = None) -> TrainBatch:
+        if isinstance(layout, PackedLayout):
+            x0 = torch.cat([patchify(s.pixels[None])[0] for s in samples])
+        else:
+            x0 = patchify(torch.stack([s.pixels for s in samples]))
+        codes = uint8_from_pixels(x0)
         return TrainBatch(
             layout=layout,
-            x0=patchify(torch.stack([s.pixels for s in samples])),
+            target=codes if torch.equal(pixels_from_uint8(codes), x0) else x0,
             weights=torch.tensor([s.weight for s in samples], dtype=torch.float32),
             keys=[s.key for s in samples],
             noise_seeds=[s.noise_seed for s in samples],
@@ -93,6 +133,9 @@ class TrainCollator(TextToImageCollator):
 
     The ViT placeholder tokens do not count against ``max_text_tokens``, which bounds the caption alone; the
     reference count bounds them (at most 10 images of 64-144 tokens).
+
+    :class:`PackedSamples` (a stage with ``max_tokens``, docs/data.md "Packing") become one packed row of
+    their ``row_tokens``, samples of any sizes and tasks back to back.
     """
 
     def __init__(self, tokenizer, tokens: SpecialTokens, max_text_tokens: int,
@@ -101,6 +144,10 @@ class TrainCollator(TextToImageCollator):
         self.processor = processor
 
     def __call__(self, samples) -> TrainBatch:
+        if isinstance(samples, PackedSamples):
+            items = [self._reference_layout(s) if getattr(s, "references", None) else self._t2i_layout(s)
+                     for s in samples]
+            return self.batch(samples, *pack_sample_layouts(items, self.tokens.pad, samples.row_tokens))
         with_references = [bool(getattr(s, "references", None)) for s in samples]
         if not any(with_references):
             return super().__call__(samples)
@@ -108,11 +155,11 @@ class TrainCollator(TextToImageCollator):
             plain = [s.key for s, has in zip(samples, with_references) if not has]
             raise ValueError(f"a batch mixes samples with and without references ({plain[0]} has none); "
                              "the data pipeline groups samples by target and reference sizes")
-        items = []
-        for sample in samples:
-            _, height, width = sample.pixels.shape
-            with _naming_the_sample(sample.key):
-                items.append(build_reference_layout(self.tokenizer, self.tokens, self.processor,
-                                                    self.caption(sample), height, width, sample.references))
-        layout, conditions = collate_reference_layouts(items, self.tokens.pad)
+        layout, conditions = collate_reference_layouts([self._reference_layout(s) for s in samples], self.tokens.pad)
         return self.batch(samples, layout, conditions)
+
+    def _reference_layout(self, sample) -> ReferenceLayout:
+        _, height, width = sample.pixels.shape
+        with _naming_the_sample(sample.key):
+            return build_reference_layout(self.tokenizer, self.tokens, self.processor, self.caption(sample), height,
+                                          width, sample.references)

@@ -19,8 +19,10 @@ from hidream_ft.data.items import Controls, FolderItem
 from hidream_ft.data.samples import Sample
 from hidream_ft.data.stats import record
 from hidream_ft.errors import UserError
-from hidream_ft.model.conditioning import MAX_REFERENCES, reference_pixel_size, resize_pilimage, resized_size
-from hidream_ft.model.patches import pixels_from_image
+from hidream_ft.model.conditioning import (
+    MAX_REFERENCES, condition_token_count, reference_pixel_size, resize_pilimage, resized_size,
+)
+from hidream_ft.model.patches import PATCH_SIZE, pixels_from_image
 
 _REFERENCE_MEMBER = re.compile(r"^ref(\d+)\.(\w+)$")
 
@@ -38,6 +40,17 @@ def reference_sizes(control_sizes: tuple[tuple[int, int], ...], bucket: Bucket) 
     """(width, height) of each reference for a ``bucket`` = (width, height) target, from header sizes alone."""
     size = reference_pixel_size(len(control_sizes), bucket[1], bucket[0])
     return tuple(resized_size(w, h, size) for w, h in control_sizes)
+
+
+def sample_tokens(bucket: Bucket, control_sizes: tuple[tuple[int, int], ...] | None, max_text_tokens: int) -> int:
+    """Sequence length a sample can take at ``bucket``, from header sizes alone, for token-budget packing:
+    the caption's bound ``max_text_tokens``, the target's patches and, with references, each reference's
+    patches and ViT condition tokens (with its vision start and end)."""
+    tokens = max_text_tokens + (bucket[0] // PATCH_SIZE) * (bucket[1] // PATCH_SIZE)
+    for width, height in reference_sizes(control_sizes, bucket) if control_sizes else ():
+        vit_tokens = condition_token_count(len(control_sizes), width, height) + 2
+        tokens += (width // PATCH_SIZE) * (height // PATCH_SIZE) + vit_tokens
+    return tokens
 
 
 # -- folders -------------------------------------------------------------------------------------------------

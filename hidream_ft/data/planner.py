@@ -1,5 +1,7 @@
 """Which images form which micro-batch, for finite (folder) data: a pure function of seed and position.
-Every entry is used exactly once per epoch; the position is tiny and the same on every rank (docs/data.md)."""
+Every entry is used exactly once per epoch; the position is tiny and the same on every rank (docs/data.md).
+Micro-batches are either a fixed number of images of one bucket, or images of any buckets within a token
+budget (packing)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,19 @@ class PlannedBatch:
     epoch: int
     positions: tuple[int, ...]  # positions in the epoch order: identify the draw, seed its randomness
     items: tuple[int, ...]
-    bucket: int  # index into the stage's bucket list
+    buckets: tuple[int, ...]  # each item's index into the stage's bucket list
+
+
+class PackedSamples(list):
+    """The samples of a token-budget micro-batch, and the length of the packed row they go into: what the data
+    pipeline hands a collate function instead of a plain list when the stage packs."""
+
+    def __init__(self, samples, row_tokens: int):
+        super().__init__(samples)
+        self.row_tokens = row_tokens
+
+
+_ANY_BUCKET = -1  # the one queue of a token-budget stage, whose micro-batches mix buckets
 
 
 class EpochPlanner:
@@ -31,30 +45,37 @@ class EpochPlanner:
         self._queues: dict[int, list[int]] = {}
         self._assignment: np.ndarray | None = None
         self._batch_size = 0
+        self._costs: np.ndarray | None = None
+        self._max_tokens = 0
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         entropy = rng_for("epoch", self._seed, epoch).getrandbits(128)
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
         return self._entries[rng.permutation(len(self._entries))]
 
-    def set_stage(self, assignment: np.ndarray, batch_size: int) -> None:
+    def set_stage(self, assignment: np.ndarray, batch_size: int, costs: np.ndarray | None = None,
+                  max_tokens: int = 0) -> None:
         """Switch to a stage's bucket assignment (item → bucket index, -1 = not used in this stage) and batch
-        size. Queued entries are re-queued under the new buckets in draw order."""
+        size; or, with ``max_tokens``, to micro-batches of consecutive entries whose ``costs`` (item → tokens)
+        sum to at most ``max_tokens``. Queued entries are re-queued under the new buckets in draw order."""
         queued = sorted(self._restored + [p for queue in self._queues.values() for p in queue])
         self._restored = []
         self._assignment = assignment
         self._batch_size = batch_size
+        self._costs, self._max_tokens = costs, max_tokens
         self._queues = {}
         for position in queued:
             bucket = int(assignment[self._order[position]])
             if bucket >= 0:
-                self._queues.setdefault(bucket, []).append(position)
+                self._queues.setdefault(_ANY_BUCKET if max_tokens else bucket, []).append(position)
 
     def position(self) -> dict:
         queued = sorted(p for queue in self._queues.values() for p in queue)
         return {"epoch": self._epoch, "cursor": self._cursor, "pending": queued}
 
     def next_batch(self) -> PlannedBatch:
+        if self._max_tokens:
+            return self._next_within_budget()
         while True:
             full = [b for b, queue in self._queues.items() if len(queue) >= self._batch_size]
             if full:  # only after a stage switch can queues start out full
@@ -75,6 +96,32 @@ class EpochPlanner:
             self._order = self._epoch_order(self._epoch)
             self._cursor = 0
 
+    def _next_within_budget(self) -> PlannedBatch:
+        """Entries in draw order until the next one would exceed the budget; that one is kept for the next
+        micro-batch. The last micro-batch of an epoch may be short, as with a batch size."""
+        queue = self._queues.pop(_ANY_BUCKET, [])
+        while True:
+            taken, used = [], 0
+            while queue or self._cursor < len(self._order):
+                if not queue:
+                    position = self._cursor
+                    self._cursor += 1
+                    if self._assignment[self._order[position]] >= 0:
+                        queue.append(position)
+                    continue
+                cost = int(self._costs[self._order[queue[0]]])
+                if taken and used + cost > self._max_tokens:
+                    break
+                taken.append(queue.pop(0))
+                used += cost
+            if taken:
+                if queue:
+                    self._queues[_ANY_BUCKET] = queue
+                return self._planned(taken)
+            self._epoch += 1
+            self._order = self._epoch_order(self._epoch)
+            self._cursor = 0
+
     def _take(self, bucket: int) -> PlannedBatch:
         queue = self._queues[bucket]
         positions, rest = queue[: self._batch_size], queue[self._batch_size :]
@@ -82,5 +129,9 @@ class EpochPlanner:
             self._queues[bucket] = rest
         else:
             del self._queues[bucket]
+        return self._planned(positions)
+
+    def _planned(self, positions: list[int]) -> PlannedBatch:
         items = tuple(int(self._order[p]) for p in positions)
-        return PlannedBatch(self._epoch, tuple(positions), items, bucket)
+        buckets = tuple(int(self._assignment[item]) for item in items)
+        return PlannedBatch(self._epoch, tuple(positions), items, buckets)

@@ -18,8 +18,8 @@ from hidream_ft.data.buckets import Stage, bucket_histogram, histogram_text, sta
 from hidream_ft.data.errors import DataError
 from hidream_ft.data.folders import fingerprint, scan_folders
 from hidream_ft.data.items import FolderItem
-from hidream_ft.data.paired import ShapeGroups, attach_controls, group_by_shape, with_references
-from hidream_ft.data.planner import EpochPlanner, PlannedBatch
+from hidream_ft.data.paired import ShapeGroups, attach_controls, group_by_shape, sample_tokens, with_references
+from hidream_ft.data.planner import EpochPlanner, PackedSamples, PlannedBatch
 from hidream_ft.data.samples import Sample, make_sample, rng_for
 from hidream_ft.data.shards import (StreamReader, expand_shards, fresh_cursor, read_manifest_sizes,
                                     shards_fingerprint, survey_shard)
@@ -99,10 +99,11 @@ class Source(ABC):
 class FolderBatches(IterableDataset):
     """This rank's micro-batches of the global folder plan; DataLoader worker w builds every W-th one."""
 
-    def __init__(self, items, shapes: ShapeGroups, cfg, seed, rank, world_size, grad_accum, first_step, position,
-                 collate):
+    def __init__(self, items, shapes: ShapeGroups, costs, cfg, seed, rank, world_size, grad_accum, first_step,
+                 position, collate):
         super().__init__()
         self.items: list[FolderItem] = items
+        self.costs: list[np.ndarray | None] = costs  # per stage: each item's tokens when the stage packs
         self.shapes = shapes  # buckets split by reference sizes, so that a micro-batch holds one shape
         self.stages: list[Stage] = shapes.stages
         self.assignments: list[np.ndarray] = shapes.assignments
@@ -126,7 +127,8 @@ class FolderBatches(IterableDataset):
         for step in itertools.count(self.position["next_step"]):
             if stage_at(self.stages, step) is not stage:
                 stage = stage_at(self.stages, step)
-                planner.set_stage(self.assignments[stage.index], stage.batch_size)
+                planner.set_stage(self.assignments[stage.index], stage.batch_size, self.costs[stage.index],
+                                  stage.max_tokens)
             planned = [planner.next_batch() for _ in range(self.world_size * self.grad_accum)]
             if step < self.first_step:
                 continue
@@ -135,16 +137,17 @@ class FolderBatches(IterableDataset):
                 if ((step - self.first_step) * self.grad_accum + a) % num_workers != worker:
                     continue
                 samples = self._load(planned[self.rank * self.grad_accum + a], stage, step, counts)
+                if stage.max_tokens:
+                    samples = PackedSamples(samples, stage.max_tokens)
                 yield WorkerOutput(self.collate(samples), dict(counts), position)
                 counts.clear()
 
     def _load(self, batch: PlannedBatch, stage: Stage, step: int, counts: Counter) -> list[Sample]:
-        bucket = stage.buckets[batch.bucket]
         samples = []
-        for position, item in zip(batch.positions, batch.items):
-            sample = self._sample(item, bucket, (batch.epoch, position), counts)
+        for position, item, key in zip(batch.positions, batch.items, batch.buckets):
+            sample = self._sample(item, stage.buckets[key], (batch.epoch, position), counts)
             if sample is None:
-                sample = self._replacement(batch, position, stage, counts)
+                sample = self._replacement(key, batch.epoch, position, stage, counts)
             if sample is not None:
                 samples.append(sample)
         if len(samples) < len(batch.items):
@@ -163,16 +166,17 @@ class FolderBatches(IterableDataset):
                              (self.seed, *seed_parts), counts)
         return with_references(sample, item.controls, bucket, self.cfg, counts)
 
-    def _replacement(self, batch: PlannedBatch, position: int, stage: Stage, counts: Counter) -> Sample | None:
+    def _replacement(self, key: int, epoch: int, position: int, stage: Stage, counts: Counter) -> Sample | None:
+        """A random decodable item rendered at bucket ``key``: the same shape, so also the same token cost."""
         assignment = self.assignments[stage.index]
-        same_bucket = np.flatnonzero(assignment == batch.bucket)
-        usable = self.shapes.interchangeable(stage, batch.bucket)
-        rng = rng_for("replace", self.seed, batch.epoch, position)
+        same_bucket = np.flatnonzero(assignment == key)
+        usable = self.shapes.interchangeable(stage, key)
+        rng = rng_for("replace", self.seed, epoch, position)
         for attempt in range(_SAME_BUCKET_TRIES + _ANY_BUCKET_TRIES):
             pool = same_bucket if attempt < _SAME_BUCKET_TRIES else usable
             index = int(pool[rng.randrange(len(pool))])
-            seed_parts = (batch.epoch, position, "replacement", attempt)
-            sample = self._sample(index, stage.buckets[batch.bucket], seed_parts, counts)
+            seed_parts = (epoch, position, "replacement", attempt)
+            sample = self._sample(index, stage.buckets[key], seed_parts, counts)
             if sample is not None:
                 record(counts, "replacement_used")
                 return sample
@@ -200,8 +204,29 @@ class IndexedFolders(Source):
                     f"data: every image is smaller than its bucket in {stage.describe()} and "
                     "small_images = 'skip'; lower the area or use small_images = 'upscale'"
                 )
+        self.costs = [self._token_costs(s, a) if s.max_tokens else None for s, a in zip(stages, self.assignments)]
         if rank == 0:
             log.info("data: %d images from %d folder(s)", len(self.items), len(cfg.folders))
+
+    def _token_costs(self, stage: Stage, assignment: np.ndarray) -> np.ndarray:
+        """Each item's sequence length in a packing ``stage`` (0 when the stage leaves it out); a ConfigError
+        names the bucket of an item longer than the stage's max_tokens."""
+        max_text = self.cfg.max_text_tokens
+        plain = np.array([sample_tokens(bucket, None, max_text) for bucket in stage.buckets])
+        costs = np.where(assignment >= 0, plain[np.maximum(assignment, 0)], 0)
+        for index, item in enumerate(self.items):
+            if item.controls is not None and assignment[index] >= 0:
+                costs[index] = sample_tokens(stage.buckets[assignment[index]], item.controls.sizes, max_text)
+        longest = int(np.argmax(costs))
+        if costs[longest] > stage.max_tokens:
+            width, height = stage.buckets[assignment[longest]]
+            references = "" if self.items[longest].controls is None else " with its references"
+            raise ConfigError(
+                f"data: in {stage.describe()}, a sample of bucket {width}x{height}{references} takes up to "
+                f"{costs[longest]} tokens (data.max_text_tokens = {max_text} plus its image tokens), over "
+                f"max_tokens = {stage.max_tokens}; raise max_tokens or lower the area or data.max_text_tokens"
+            )
+        return costs
 
     def fresh_position(self) -> dict:
         return {"next_step": 0, "epoch": 0, "cursor": 0, "pending": []}
@@ -210,8 +235,8 @@ class IndexedFolders(Source):
               collate: Collate) -> tuple[IterableDataset, dict]:
         position = self._continued_position(saved, start_step)
         shapes = group_by_shape(self.stages, self.assignments, self.items)
-        dataset = FolderBatches(self.items, shapes, self.cfg, self.seed, self.rank, self.world_size, grad_accum,
-                                start_step, position, collate)
+        dataset = FolderBatches(self.items, shapes, self.costs, self.cfg, self.seed, self.rank, self.world_size,
+                                grad_accum, start_step, position, collate)
         return dataset, position
 
     def _continued_position(self, saved: dict, start_step: int) -> dict:

@@ -46,12 +46,24 @@ def draw_sigmas_and_noise(
     Seeding per sample (from the sample's identity and epoch) makes the draw independent of how the global
     batch is split over ranks and of where a run was resumed: 1 rank and 8 ranks see the same noise.
     """
-    sigmas, noise = [], []
-    for seed in seeds:
-        generator = torch.Generator(device).manual_seed(seed)
-        sigmas.append(sample_sigmas(1, generator=generator, device=device, **sigma_options))
-        noise.append(torch.randn(token_shape, generator=generator, device=device))
-    return torch.cat(sigmas), torch.stack(noise)
+    draws = [_draw_sigma_and_noise(seed, token_shape, device, sigma_options) for seed in seeds]
+    return torch.cat([sigma for sigma, _ in draws]), torch.stack([noise for _, noise in draws])
+
+
+def draw_packed_sigmas_and_noise(
+    seeds: list[int], token_counts: list[int], token_dim: int, device: torch.device | str, **sigma_options
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draws of :func:`draw_sigmas_and_noise` for samples of different token counts (a packed row): one σ
+    per sample and every sample's ε [count, token_dim], concatenated in sample order."""
+    draws = [_draw_sigma_and_noise(seed, (count, token_dim), device, sigma_options)
+             for seed, count in zip(seeds, token_counts, strict=True)]
+    return torch.cat([sigma for sigma, _ in draws]), torch.cat([noise for _, noise in draws])
+
+
+def _draw_sigma_and_noise(seed: int, token_shape: tuple[int, ...], device, sigma_options: dict):
+    generator = torch.Generator(device).manual_seed(seed)
+    sigma = sample_sigmas(1, generator=generator, device=device, **sigma_options)
+    return sigma, torch.randn(token_shape, generator=generator, device=device)
 
 
 def add_noise(
@@ -81,14 +93,19 @@ def diffusion_loss(
     sigma_floor: float = 0.05,
     token_mask: torch.Tensor | None = None,
     sample_weights: torch.Tensor | None = None,
+    token_counts: list[int] | None = None,
 ) -> torch.Tensor:
     """Mean squared error on the target tokens, in fp32.
 
     ``token_mask`` [B, N] selects which tokens count (padding or reference tokens are excluded);
-    ``kind="velocity"`` weights each sample by 1/max(σ, floor)², the loss on v = (x - z)/σ.
+    ``token_counts`` says that x_pred and x0 are [Σ counts, D], the tokens of samples of different sizes one
+    after the other (a packed row); ``kind="velocity"`` weights each sample by 1/max(σ, floor)², the loss on
+    v = (x - z)/σ.
     """
-    err = (x_pred.float() - x0.float()).pow(2).mean(dim=-1)  # [B, N]
-    if token_mask is None:
+    err = (x_pred.float() - x0.float()).pow(2).mean(dim=-1)  # [B, N], or [Σ counts] when packed
+    if token_counts is not None:
+        per_sample = torch.stack([tokens.mean() for tokens in err.split(token_counts)])
+    elif token_mask is None:
         per_sample = err.mean(dim=1)
     else:
         mask = token_mask.to(err.dtype)

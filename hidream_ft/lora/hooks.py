@@ -1,13 +1,16 @@
 """LoRAs at sampling time: adapters applied without touching the base weights, and their column labels.
 
-Adapters are applied as forward hooks that add Σ wᵢ·scaleᵢ·Bᵢ(Aᵢ x) to each targeted linear's output, so the
-base weights stay exact (no bf16 merge rounding), several adapters stack, and leaving the ``with`` block
-restores the base model: one loaded model serves every column of a comparison grid.
+Adapters are applied as forward hooks that add Σ wᵢ·scaleᵢ·Bᵢ(Aᵢ x) to each targeted linear's output, and
+for the other kinds (DoRA, LoHa, LoKr) Σ wᵢ·ΔWᵢ x with ΔW rebuilt from the adapter's tensors at each call, so
+that no weight-sized copy is held. The base weights stay exact (no bf16 merge rounding), adapters of any
+kinds stack, and leaving the ``with`` block restores the base model: one loaded model serves every column of
+a comparison grid.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -16,11 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hidream_ft.lora.adapter import LoraAdapter, check_fits, stack_adapters
+from hidream_ft.lora.adapter import AdapterModule, LoraAdapter, check_fits, stack_adapters
 
 
 def _add_low_rank(down: torch.Tensor, up: torch.Tensor, module: nn.Module, args, output: torch.Tensor):
     return output + F.linear(F.linear(args[0], down), up)
+
+
+def _add_updates(updates: list[tuple[AdapterModule, float]], module: nn.Module, args, output: torch.Tensor):
+    weight = module.weight
+    delta = sum(w * adapter_module.delta(weight) for adapter_module, w in updates)
+    return output + F.linear(args[0], delta.to(weight.dtype))
 
 
 @contextlib.contextmanager
@@ -29,16 +38,25 @@ def lora_applied(model: nn.Module, weighted: Sequence[tuple[LoraAdapter, float]]
     if not weighted:
         yield model
         return
-    adapter = stack_adapters(weighted)
-    check_fits(adapter, {name: p.shape for name, p in model.named_parameters()}, "the model")
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    for adapter, _ in weighted:
+        check_fits(adapter, shapes, "the model")
+    low_rank = [(adapter, weight) for adapter, weight in weighted if adapter.kind == "lora"]
+    updates: dict[str, list[tuple[AdapterModule, float]]] = defaultdict(list)  # the other kinds, per module
+    for adapter, weight in weighted:
+        if adapter.kind != "lora":
+            for path, module in adapter.modules.items():
+                updates[path].append((module.to(model.get_submodule(path).weight.device), weight))
     handles = []
     try:
-        for path, module in adapter.modules.items():
+        for path, module in (stack_adapters(low_rank).modules.items() if low_rank else ()):
             linear = model.get_submodule(path)
             weight = linear.weight
             down = module.down.to(weight.device, weight.dtype)
             up = (module.scale * module.up.float()).to(weight.device, weight.dtype)
             handles.append(linear.register_forward_hook(partial(_add_low_rank, down, up)))
+        for path, found in updates.items():
+            handles.append(model.get_submodule(path).register_forward_hook(partial(_add_updates, found)))
         yield model
     finally:
         for handle in handles:

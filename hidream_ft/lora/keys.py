@@ -32,6 +32,7 @@ from hidream_ft.lora.errors import ConvertError
 SLOT = "#"  # stands for a layer / block number in a module template
 DIFFUSION_ROOT = "model."  # the diffusion model inside the HF model; relative styles name paths below it
 SAMPLE_MODULE = "model.language_model.layers.0.self_attn.q_proj"
+KINDS = ("lora", "dora", "loha", "lokr")  # the adapter kinds (docs/export.md, "Adapter kinds")
 
 
 def template_of(path: str) -> str:
@@ -165,7 +166,9 @@ def is_lora_key(key: str) -> bool:
     return _PART.match(key) is not None
 
 
-_LOKR = re.compile(r"\.lokr_(w[12](_[ab])?|t[12])$")  # LyCORIS LoKr factors (ai-toolkit's "lokr" networks)
+# Tensors of the other adapter kinds in single files (LyCORIS names; ai-toolkit's "lokr" networks among them).
+_OTHER_KINDS = {"LoKr": re.compile(r"\.lokr_(w[12](_[ab])?|t[12])$"), "LoHa": re.compile(r"\.hada_(w[12]_[ab]|t[12])$"),
+                "DoRA": re.compile(r"\.dora_scale$")}
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,7 @@ class KeyStyle:
     alpha: str
     adapter_infix: str = ""  # PEFT adapter name inside the key, e.g. ".default"
     writable: bool = False
+    kinds: tuple[str, ...] = ("lora",)  # the adapter kinds its files hold (LoHa, LoKr: LyCORIS tensor names)
 
     def module_name(self, path: str) -> str | None:
         """The name this style gives the module at HF path ``path``; None if the style cannot express it."""
@@ -207,11 +211,15 @@ STYLES = {
     style.name: style
     for style in [
         KeyStyle("peft", "base_model.model.", flat=False, relative=False, kohya_names=False, alpha="config",
-                 writable=True),
+                 writable=True, kinds=KINDS),
         KeyStyle("comfyui", "diffusion_model.", flat=False, relative=True, kohya_names=False, alpha="if_not_rank",
-                 writable=True),
-        KeyStyle("kohya", "lora_unet_", flat=True, relative=True, kohya_names=True, alpha="always", writable=True),
-        KeyStyle("musubi", "lora_unet_", flat=True, relative=False, kohya_names=True, alpha="always", writable=True),
+                 writable=True, kinds=KINDS),
+        # LoHa / LoKr as LyCORIS writes them. No DoRA: its dora_scale means one thing to LyCORIS and another to
+        # ComfyUI (see formats.comfyui_dora_scale), and both read these files.
+        KeyStyle("kohya", "lora_unet_", flat=True, relative=True, kohya_names=True, alpha="always", writable=True,
+                 kinds=("lora", "loha", "lokr")),
+        KeyStyle("musubi", "lora_unet_", flat=True, relative=False, kohya_names=True, alpha="always", writable=True,
+                 kinds=("lora", "loha", "lokr")),
         KeyStyle("diffusers", "transformer.", flat=False, relative=True, kohya_names=False, alpha="none"),
         KeyStyle("onetrainer", "lora_transformer_", flat=True, relative=True, kohya_names=True, alpha="always"),
         KeyStyle("diffsynth", "", flat=False, relative=False, kohya_names=False, alpha="none",
@@ -251,10 +259,12 @@ def parse_lora_keys(keys: Iterable[str], where: str, index: ModuleIndex | None =
     """Detect the key style and map every key to (module path, part); raise listing what does not fit."""
     index = index or architecture_index()
     keys = list(keys)
-    lokr = [key for key in keys if _LOKR.search(key)]
-    if lokr:
-        raise ConvertError(f"{where}: a LoKr adapter (Kronecker factors {listing(lokr, 4)}), which cannot be "
-                           "read: only LoRA adapters (lora_A/lora_B or lora_down/lora_up) are supported")
+    for kind, pattern in _OTHER_KINDS.items():
+        found = [key for key in keys if pattern.search(key)]
+        if found:
+            raise ConvertError(f"{where}: a {kind} adapter ({listing(found, 4)}), which cannot be read from a single "
+                               "file: those are read as plain LoRAs (lora_A/lora_B or lora_down/lora_up); every "
+                               "adapter kind is read from a PEFT folder, a run or a checkpoint")
     by_style: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
     not_lora = []
     for key in keys:

@@ -96,6 +96,14 @@ def condition_dimensions(base: int, width: int, height: int) -> tuple[int, int]:
     return max(PATCH_SIZE, int(w) // PATCH_SIZE * PATCH_SIZE), max(PATCH_SIZE, int(h) // PATCH_SIZE * PATCH_SIZE)
 
 
+def condition_token_count(num_references: int, width: int, height: int) -> int:
+    """LLM tokens of the ViT condition image of one of ``num_references`` references of ``width`` × ``height``:
+    one per 32×32 pixels (ViT patch 16, 2×2 merge) of its condition size, whose sides are multiples of 32 that
+    the image processor keeps."""
+    w, h = condition_dimensions(condition_base_size(num_references), width, height)
+    return (w // PATCH_SIZE) * (h // PATCH_SIZE)
+
+
 def prepare_references(images: list[Image.Image], height: int, width: int) -> list[torch.Tensor]:
     """Reference images sized for a ``width`` × ``height`` target by the official K rule, as [-1, 1] tensors."""
     size = reference_pixel_size(len(images), height, width)
@@ -162,7 +170,7 @@ class ConditionProcessor:
 class ImageConditions:
     """The reference part of a batch: clean patches appended after the target, and the ViT inputs."""
 
-    references: torch.Tensor  # [B, R, 3072]
+    references: torch.Tensor  # [B, R, 3072]; [Σ R, 3072] in row order for packed rows
     pixel_values: torch.Tensor  # all samples' ViT patches, sample by sample
     image_grid_thw: torch.Tensor  # [Σ K, 3]
 

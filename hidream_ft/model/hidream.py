@@ -11,6 +11,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel, Qwe
 
 from hidream_ft.model.attention import ATTENTION_NAME, build_attention_layout
 from hidream_ft.model.heads import BottleneckPatchEmbed, FinalLayer, TimestepEmbedder
+from hidream_ft.model.layout import REFERENCE_TYPE, TARGET_TYPE
 from hidream_ft.model.patches import PATCH_DIM
 
 
@@ -56,14 +57,16 @@ class HiDreamO1Backbone(nn.Module):
 
 
 class HiDreamO1(nn.Module):
-    def __init__(self, config: Qwen3VLConfig, tms_token_id: int, attention: str = "split"):
+    def __init__(self, config: Qwen3VLConfig, tms_token_id: int, attention: str = "auto", lm_head: bool = True):
+        """``lm_head=False`` leaves out the LM head (0.6B parameters at full size), which image generation
+        never uses: training does not build it; the official checkpoint and every export keep it."""
         super().__init__()
         self.config = config
         self.tms_token_id = tms_token_id
         self.attention = attention
         self.model = HiDreamO1Backbone(config)
         text = config.text_config
-        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False) if lm_head else None
         text._attn_implementation = ATTENTION_NAME
         theta, self.mrope_section = rope_parameters(text)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -92,6 +95,7 @@ class HiDreamO1(nn.Module):
         gradient reduce-scatters (whenever it trains) in every step, also when its own batch is text-to-image
         while another rank's is an edit; otherwise the collectives pair up wrongly and the job hangs. A
         trainable ViT also gets zero (not missing) gradients this way, as the optimizer and clipping expect.
+        A frozen ViT is never sharded (``parallelize``), so it runs only for batches with images.
         """
         first = next(self.model.visual.parameters())
         if isinstance(first, DTensor) and first.device_mesh.size() > 1:
@@ -119,6 +123,7 @@ class HiDreamO1(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         output_tokens: int | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the clean patches of the image tokens.
 
@@ -127,10 +132,43 @@ class HiDreamO1(nn.Module):
         token_types [B, T+N] (0 text, >0 tms/image); attention_mask [B, T+N] (1 = real token, 0 = padding)
         or None; pixel_values/image_grid_thw: ViT condition images for edit/IP layouts.
         Returns x_pred [B, output_tokens or N, 3072] for the first image tokens.
+
+        Packed rows (``document_ids`` given, see ``model.layout.PackedLayout``): input_ids, position_ids,
+        token_types, attention_mask and document_ids span whole rows [R, S]; vinputs [P, 3072] fills the image
+        slots in row order; timestep holds one value per sample. Returns the target tokens [P_target, 3072].
         """
-        lm = self.model.language_model
-        num_text = input_ids.shape[1]
-        embeds = lm.embed_tokens(input_ids)
+        embeds, visual_mask, deepstack = self._token_embeddings(input_ids, timestep, pixel_values, image_grid_thw)
+        patches = self.model.x_embedder(vinputs.to(self.model.x_embedder.proj1.weight.dtype)).to(embeds.dtype)
+        if document_ids is None:
+            num_text = input_ids.shape[1]
+            hidden = torch.cat([embeds, patches], dim=1)
+        else:
+            num_text = None
+            image_slots = (token_types == TARGET_TYPE) | (token_types == REFERENCE_TYPE)
+            hidden = embeds.masked_scatter(image_slots[..., None], patches)
+
+        self.inv_freq = self.inv_freq.to(hidden.device)
+        rotary = mrope_cos_sin(position_ids, self.inv_freq, self.mrope_section, hidden.dtype)
+        layout = build_attention_layout(self.attention, token_types=token_types, attention_mask=attention_mask,
+                                        document_ids=document_ids, num_text_tokens=num_text)
+        for index, layer in enumerate(self.decoder_layers):
+            hidden = layer(hidden, position_embeddings=rotary, attention_mask=layout)
+            if index < len(deepstack):
+                hidden = _add_deepstack(hidden, visual_mask, deepstack[index])
+
+        # The head acts per token, so only the target rows are normalised and projected.
+        if document_ids is None:
+            end = num_text + (output_tokens if output_tokens is not None else vinputs.shape[1])
+            targets = hidden[:, num_text:end]
+        else:
+            targets = hidden[token_types == TARGET_TYPE]
+        return self.model.final_layer2(self.model.language_model.norm(targets))
+
+    def _token_embeddings(self, input_ids, timestep, pixel_values, image_grid_thw):
+        """Embeddings of the text tokens with the ViT features at the `<|image_pad|>` placeholders and each
+        sample's timestep embedding at its `<|tms_token|>` (one per sample, in row order); also the placeholder
+        mask and the DeepStack features for the decoder loop."""
+        embeds = self.model.language_model.embed_tokens(input_ids)
         deepstack, visual_mask = [], None
         if pixel_values is not None:
             image_embeds, deepstack = self.encode_images(pixel_values, image_grid_thw)
@@ -143,25 +181,13 @@ class HiDreamO1(nn.Module):
         elif self.vision_must_run():
             embeds = embeds + self.fake_vision_term().to(embeds.dtype)
         t_emb = self.model.t_embedder1(timestep).to(embeds.dtype)
-        embeds = torch.where((input_ids == self.tms_token_id)[..., None], t_emb[:, None, :], embeds)
-        patches = self.model.x_embedder(vinputs.to(self.model.x_embedder.proj1.weight.dtype))
-        hidden = torch.cat([embeds, patches.to(embeds.dtype)], dim=1)
-
-        self.inv_freq = self.inv_freq.to(hidden.device)
-        rotary = mrope_cos_sin(position_ids, self.inv_freq, self.mrope_section, hidden.dtype)
-        layout = build_attention_layout(self.attention, num_text, token_types, attention_mask)
-        for index, layer in enumerate(self.decoder_layers):
-            hidden = layer(hidden, position_embeddings=rotary, attention_mask=layout)
-            if index < len(deepstack):
-                hidden = _add_deepstack(hidden, visual_mask, deepstack[index])
-
-        end = num_text + (output_tokens if output_tokens is not None else vinputs.shape[1])
-        # The head acts per token, so only the image rows are normalised and projected.
-        return self.model.final_layer2(lm.norm(hidden[:, num_text:end]))
+        embeds = embeds.masked_scatter((input_ids == self.tms_token_id)[..., None], t_emb)
+        return embeds, visual_mask, deepstack
 
 
 def _add_deepstack(hidden: torch.Tensor, visual_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """Add DeepStack features at the ViT placeholder positions of the text part (out of place)."""
+    """Add DeepStack features at the ViT placeholder positions (out of place); ``visual_mask`` covers the text
+    part of ordinary batches, whole rows of packed ones."""
     num_text = visual_mask.shape[1]
     text = hidden[:, :num_text]
     addend = torch.zeros_like(text).masked_scatter(visual_mask, features.to(text.dtype))

@@ -203,3 +203,64 @@ def collate_layouts(layouts: list[SampleLayout], pad_id: int) -> LayoutBatch:
         attention_mask=None if bool(mask.all()) else mask,
         num_target_tokens=targets.pop(),
     )
+
+
+@dataclass
+class PackedLayout:
+    """Several samples back to back in one row of fixed length, padded at the tail. Each sample keeps the
+    token ids, positions and token types it has alone (text, boi, tms, target slots, reference slots), and
+    ``document_ids`` keep its attention within itself."""
+
+    input_ids: torch.Tensor  # [1, S]: each sample's text then pad ids on its image slots; pad ids on the tail
+    position_ids: torch.Tensor  # [3, 1, S]
+    token_types: torch.Tensor  # [1, S]
+    document_ids: torch.Tensor  # [1, S]: the sample's index in the row, -1 on the tail padding
+    attention_mask: torch.Tensor | None  # [1, S], None when the samples fill the row
+    target_counts: list[int]  # target tokens of each sample, in row order
+    image_counts: list[int]  # image slots (target + references) of each sample
+
+    def to(self, device: torch.device | str) -> "PackedLayout":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return PackedLayout(move(self.input_ids), move(self.position_ids), move(self.token_types),
+                            move(self.document_ids), move(self.attention_mask), self.target_counts,
+                            self.image_counts)
+
+    def model_inputs(self) -> dict:
+        return dict(input_ids=self.input_ids, position_ids=self.position_ids, token_types=self.token_types,
+                    attention_mask=self.attention_mask, document_ids=self.document_ids)
+
+    def image_inputs(self, targets: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+        """The forward's ``vinputs`` [P, 3072]: each sample's target tokens, then its reference tokens, in row
+        order, from all targets [Σ target_counts, 3072] and all references [Σ reference tokens, 3072]."""
+        reference_counts = [images - target for images, target in zip(self.image_counts, self.target_counts)]
+        pairs = zip(targets.split(self.target_counts), references.split(reference_counts))
+        return torch.cat([part for pair in pairs for part in pair])
+
+
+def pack_layouts(layouts: list[SampleLayout], pad_id: int, length: int) -> PackedLayout:
+    """One row of ``length`` tokens holding ``layouts`` in order, padded at the tail."""
+    used = sum(len(lay.token_types) for lay in layouts)
+    if used > length:
+        raise ValueError(f"{len(layouts)} samples take {used} tokens, over the packed row length {length}")
+    ids, positions, types, documents = [], [], [], []
+    for index, lay in enumerate(layouts):
+        num_images = len(lay.token_types) - len(lay.input_ids)
+        ids += [lay.input_ids, torch.full((num_images,), pad_id, dtype=torch.long)]
+        positions.append(lay.position_ids)
+        types.append(lay.token_types)
+        documents.append(torch.full((len(lay.token_types),), index, dtype=torch.long))
+    tail = length - used
+    ids.append(torch.full((tail,), pad_id, dtype=torch.long))
+    positions.append(torch.zeros(3, tail, dtype=torch.long))
+    types.append(torch.zeros(tail, dtype=torch.long))
+    documents.append(torch.full((tail,), -1, dtype=torch.long))
+    document_ids = torch.cat(documents)[None]
+    return PackedLayout(
+        input_ids=torch.cat(ids)[None],
+        position_ids=torch.cat(positions, dim=1)[:, None],
+        token_types=torch.cat(types)[None],
+        document_ids=document_ids,
+        attention_mask=(document_ids >= 0).long() if tail else None,
+        target_counts=[lay.num_target_tokens for lay in layouts],
+        image_counts=[len(lay.token_types) - len(lay.input_ids) for lay in layouts],
+    )

@@ -18,13 +18,15 @@ from transformers import AutoTokenizer, Qwen3VLConfig
 from hidream_ft.errors import UserError, listing
 from hidream_ft.model.hidream import HiDreamO1, rope_parameters
 from hidream_ft.model.layout import SpecialTokens
+from hidream_ft.model.quantize import quantize_decoder_linears
 from hidream_ft.model.safetensors_io import open_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # What the single-file checkpoints of ComfyUI (and the tools that load them) leave out of the official key set:
 # the LM head, which image generation never uses, and the ViT's DeepStack mergers, which ComfyUI does not use.
-COMFYUI_OMITTED = ("lm_head.", "model.visual.deepstack_merger_list.")
+LM_HEAD = "lm_head."
+COMFYUI_OMITTED = (LM_HEAD, "model.visual.deepstack_merger_list.")
 
 
 class CheckpointError(UserError, ValueError):
@@ -113,9 +115,10 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     raise CheckpointError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
 
 
-def build_meta_model(config: Qwen3VLConfig, tms_token_id: int, attention: str = "split") -> HiDreamO1:
+def build_meta_model(config: Qwen3VLConfig, tms_token_id: int, attention: str = "auto",
+                     lm_head: bool = True) -> HiDreamO1:
     with torch.device("meta"):
-        return HiDreamO1(config, tms_token_id=tms_token_id, attention=attention)
+        return HiDreamO1(config, tms_token_id=tms_token_id, attention=attention, lm_head=lm_head)
 
 
 def restore_rotary_buffers(model: nn.Module) -> None:
@@ -198,10 +201,12 @@ def load_model(
     weights: str | Path | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
-    attention: str = "split",
+    attention: str = "auto",
     tokenizer=None,
     prepare: Callable[[HiDreamO1], nn.Module] | None = None,
     fill: Callable[[HiDreamO1], None] | None = None,
+    lm_head: bool = True,
+    base_quantization: str = "none",
 ) -> nn.Module:
     """Load the official checkpoint at ``path`` with every parameter in ``dtype`` on ``device``.
 
@@ -214,24 +219,34 @@ def load_model(
     return value (e.g. the PEFT wrapper) is what this function returns. ``fill`` replaces the weight files
     (which then need not exist): it sets the materialised parameters itself, e.g. to random values for a
     benchmark. Raises :class:`CheckpointError` naming missing/unexpected keys or mismatched shapes.
+
+    ``lm_head=False``: the LM head is neither built nor read. ``base_quantization`` ("nf4", "fp8"): the decoder's
+    linears are quantized (:mod:`hidream_ft.model.quantize`); they need their real weights for that, so such a
+    model is materialised and filled in full on ``device`` before ``prepare`` sees it.
     """
     path = Path(path)
     config = load_hf_config(path)
     tokenizer = tokenizer or load_tokenizer(path)
     tokens = SpecialTokens.from_tokenizer(tokenizer, config)
-    model = build_meta_model(config, tokens.tms, attention)
+    model = build_meta_model(config, tokens.tms, attention, lm_head)
     if fill is None:
         source = Path(weights) if weights is not None else path
         if weights is not None and not (source.is_file() and source.suffix == ".safetensors"):
             raise CheckpointError(f"{source}: the weights must be one .safetensors file")
         files = weight_files(source)
+        if not lm_head:
+            files = {key: file for key, file in files.items() if not key.startswith(LM_HEAD)}
         absent = check_keys(model, files, source)
         if any(key.startswith(COMFYUI_OMITTED[1]) for key in absent):
             model.register_forward_pre_hook(_refuse_reference_images, with_kwargs=True)
         fill = functools.partial(load_weights, files=files, absent=absent)
     model.to(dtype)
-    prepared = prepare(model) if prepare is not None else model
+    if base_quantization == "none":  # else LoRA injection and sharding wait for the quantized weights
+        prepared = prepare(model) if prepare is not None else model
     model.to_empty(device=device)
     fill(model)
     restore_rotary_buffers(model)
+    if base_quantization != "none":
+        quantize_decoder_linears(model, base_quantization)
+        prepared = prepare(model) if prepare is not None else model
     return prepared

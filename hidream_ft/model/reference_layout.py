@@ -10,8 +10,8 @@ import torch
 from hidream_ft.model.conditioning import ConditionProcessor, ImageConditions, VisionInputs, check_reference_count
 from hidream_ft.model.errors import ModelInputError
 from hidream_ft.model.layout import (
-    EMPTY_PROMPT, LayoutBatch, SampleLayout, SpecialTokens, chat_prompt_ids, collate_layouts, image_grid,
-    layout_from_ids,
+    EMPTY_PROMPT, LayoutBatch, PackedLayout, SampleLayout, SpecialTokens, chat_prompt_ids, collate_layouts,
+    image_grid, layout_from_ids, pack_layouts,
 )
 from hidream_ft.model.patches import patchify
 
@@ -92,14 +92,36 @@ def collate_reference_layouts(items: list[ReferenceLayout], pad_id: int) -> tupl
     return layout, conditions
 
 
-def generation_inputs(layout: LayoutBatch, noisy_target: torch.Tensor, conditions: ImageConditions | None) -> dict:
-    """Keyword arguments of ``HiDreamO1.forward`` (all but the timestep): vinputs = noisy target [+ references]."""
+def pack_sample_layouts(items: list[SampleLayout | ReferenceLayout], pad_id: int,
+                        length: int) -> tuple[PackedLayout, ImageConditions | None]:
+    """One packed row of ``length`` tokens from text-to-image layouts and edit/IP layouts in any mix and sizes;
+    the conditions hold the references and ViT inputs of the edit/IP samples in row order."""
+    layout = pack_layouts([item.layout if isinstance(item, ReferenceLayout) else item for item in items], pad_id,
+                          length)
+    with_references = [item for item in items if isinstance(item, ReferenceLayout)]
+    if not with_references:
+        return layout, None
+    return layout, ImageConditions(
+        references=torch.cat([item.reference_patches for item in with_references]),
+        pixel_values=torch.cat([item.vision.pixel_values for item in with_references]),
+        image_grid_thw=torch.cat([item.vision.image_grid_thw for item in with_references]),
+    )
+
+
+def generation_inputs(layout: LayoutBatch | PackedLayout, noisy_target: torch.Tensor,
+                      conditions: ImageConditions | None) -> dict:
+    """Keyword arguments of ``HiDreamO1.forward`` (all but the timestep): vinputs = noisy target [+ references]
+    (per sample, in row order, for a packed layout)."""
     inputs = layout.model_inputs()
     if conditions is None:
         return {**inputs, "vinputs": noisy_target}
     references = conditions.references.to(noisy_target.dtype)
-    return {**inputs, "vinputs": torch.cat([noisy_target, references], dim=1),
-            "pixel_values": conditions.pixel_values, "image_grid_thw": conditions.image_grid_thw}
+    if isinstance(layout, PackedLayout):
+        vinputs = layout.image_inputs(noisy_target, references)
+    else:
+        vinputs = torch.cat([noisy_target, references], dim=1)
+    return {**inputs, "vinputs": vinputs, "pixel_values": conditions.pixel_values,
+            "image_grid_thw": conditions.image_grid_thw}
 
 
 def build_reference_inputs(

@@ -8,6 +8,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from hidream_ft.config import OptimConfig
+from hidream_ft.optim.adamw8bit import ShardedAdamW8bit
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
@@ -25,12 +26,13 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch
         raise ValueError("nothing to train: no parameter requires a gradient")
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
-        fused = params[0].device.type == "cuda"
-        return torch.optim.AdamW(params, fused=fused, foreach=not fused, **kwargs)
-    # bitsandbytes is optional: only runs that ask for adamw8bit import it.
-    from hidream_ft.optim.adamw8bit import ShardedAdamW8bit
-
-    return ShardedAdamW8bit(params, **kwargs, stochastic_rounding=cfg.stochastic_rounding)
+        # Fused (CPU and CUDA) so that the step honours ``optimizer.found_inf``: the trainer skips a
+        # non-finite step on the device, without reading the loss on the host.
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    optimizer = ShardedAdamW8bit(params, **kwargs, stochastic_rounding=cfg.stochastic_rounding)
+    if cfg.fused_backward:
+        optimizer.attach_to_backward()
+    return optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:

@@ -1,7 +1,7 @@
 """Process group and device mesh from the torchrun / SLURM environment.
 
 A plain ``python -m hidream_ft.train`` runs as a one-rank group, so single-process and multi-process runs
-take exactly the same code path (FSDP on a mesh of one).
+take the same code path (a one-rank mesh, on which the model is left unsharded).
 """
 
 from __future__ import annotations
@@ -104,9 +104,12 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank, world, local_rank, local_world, device)
 
 
-def build_mesh(env: DistEnv, hsdp: bool) -> DeviceMesh:
-    """1-D sharding mesh, or 2-D (replicate across nodes × shard within a node) for HSDP."""
+def build_mesh(env: DistEnv, hsdp: bool, replicate: bool = False) -> DeviceMesh:
+    """1-D sharding mesh, or 2-D (replicate across nodes × shard within a node) for HSDP, or with
+    ``replicate`` 2-D with shards of one rank: every rank holds whole parameters."""
     device_type = env.device.type
+    if replicate:
+        return init_device_mesh(device_type, (env.world_size, 1), mesh_dim_names=("replicate", "shard"))
     if not hsdp or env.world_size == env.local_world_size:
         return init_device_mesh(device_type, (env.world_size,), mesh_dim_names=("shard",))
     if env.world_size % env.local_world_size:

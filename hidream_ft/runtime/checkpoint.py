@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from hidream_ft.config import ConfigError
 from hidream_ft.errors import UserError, listing
+from hidream_ft.model.loading import LM_HEAD
 from hidream_ft.model.safetensors_io import open_safetensors
 from hidream_ft.runtime.lock import OutputLock
 
@@ -128,8 +129,10 @@ def saved_model_tensors(step_dir: str | Path) -> dict[str, TensorStorageMetadata
 def check_model_matches(path: Path, model_state: dict[str, Any]) -> None:
     """Raise :class:`CheckpointMismatch` when the checkpoint at ``path`` holds other model tensors (names or
     global shapes) than ``model_state``: DCP would fail with a long traceback, or silently drop the extra ones."""
-    saved = {key: list(item.size) for key, item in saved_model_tensors(path).items()}
     expected = {key: list(value.shape) for key, value in model_state.items()}
+    # Full fine-tunes saved while training still built the unused LM head hold it; it is not resumed.
+    saved = {key: list(item.size) for key, item in saved_model_tensors(path).items()
+             if key in expected or not key.startswith(LM_HEAD)}
     fix = ("resume with the original settings, or start fresh with --set checkpoint.resume=none or a new "
            "logging.output_dir")
     only_saved, only_expected = saved.keys() - expected.keys(), expected.keys() - saved.keys()
@@ -138,13 +141,28 @@ def check_model_matches(path: Path, model_state: dict[str, Any]) -> None:
                  if only_saved else "",
                  f"it lacks {len(only_expected)} tensors of the config's model: {listing(only_expected, 2)}"
                  if only_expected else ""]
-        raise CheckpointMismatch(f"checkpoint {path} does not match the config (lora.targets, lora.train_heads, "
-                                 "lora.include_visual or train.mode changed?): " + "; ".join(filter(None, parts))
-                                 + f"; {fix}")
+        raise CheckpointMismatch(f"checkpoint {path} does not match the config (lora.kind, lora.targets, "
+                                 "lora.train_heads, lora.include_visual, train.mode or model.base_quantization "
+                                 "changed?): "
+                                 + "; ".join(filter(None, parts)) + f"; {fix}")
     for key in sorted(expected):
         if saved[key] != expected[key]:
             raise CheckpointMismatch(f"checkpoint {path}: shape of {key} is {saved[key]} but the config gives "
                                      f"{expected[key]} (lora.rank changed?); {fix}")
+
+
+def read_fp32_moments_where_saved(path: Path, optim_state: dict) -> None:
+    """Checkpoints of torch AdamW, or of the 8-bit AdamW before it saved its codes, hold fp32 ``exp_avg`` and
+    ``exp_avg_sq`` where the 8-bit optimizer now has ``*_codes`` and ``*_scales``: ask DCP for the fp32 tensors
+    instead (shaped and sharded like the codes); the optimizer quantises them when it loads its state."""
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+    for name, state in optim_state.get("state", {}).items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            codes = state.get(f"{moment}_codes")
+            if codes is not None and f"optim.state.{name}.{moment}" in saved:
+                del state[f"{moment}_codes"], state[f"{moment}_scales"]
+                # In host memory, as they were saved: 4 bytes per element would not fit next to the model.
+                state[moment] = torch.zeros_like(codes.to("cpu"), dtype=torch.float32)
 
 
 def _disk_full(error: BaseException | None) -> bool:
@@ -238,6 +256,7 @@ class Checkpointer:
         meta = json.loads((path / "meta.json").read_text())
         model_state, optim_state = get_state_dict(model, optimizer, options=self.options)
         check_model_matches(path, model_state)
+        read_fp32_moments_where_saved(path, optim_state)
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -110,8 +111,27 @@ class PreemptionHandler:
             flag = torch.tensor([level], dtype=torch.int32, device=self.device or _collective_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             level = int(flag.item())
-        self._agreed = max(self._agreed, level)
+        return self._settle(level)
+
+    def votes(self) -> list[float]:
+        """This rank's (stop, requeue) requests as 0/1 numbers, for a caller that sums them across ranks in a
+        collective it makes anyway (the trainer's loss all-reduce); :meth:`agree` takes the sums."""
+        return [float(self._received >= _STOP), float(self._received == _REQUEUE)]
+
+    def agree(self, summed_votes: Sequence[float]) -> bool:
+        """:meth:`should_stop` without a collective of its own: from the sums of every rank's :meth:`votes`, so
+        ranks that read the same sums stop at the same step."""
+        stops, requeues = summed_votes
+        return self._settle(_REQUEUE if requeues else _STOP if stops else _RUN)
+
+    @property
+    def stop_agreed(self) -> bool:
+        """Whether the ranks have agreed to stop (through :meth:`should_stop` or :meth:`agree`)."""
         return self._agreed != _RUN
+
+    def _settle(self, agreed_level: int) -> bool:
+        self._agreed = max(self._agreed, agreed_level)
+        return self.stop_agreed
 
     def requeue_exit(self) -> NoReturn:
         """After the checkpoint: requeue the job when USR2 asked for it, then exit with PREEMPTED_EXIT_CODE.

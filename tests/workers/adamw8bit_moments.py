@@ -6,7 +6,8 @@ save through the trainer's DCP checkpoints, dump the optimizer moments.
 
 OUT.pt (written by rank 0): {"losses": {step: loss}, "resumed": moments right after --resume (else None),
 "final": moments at the end, "eight_bit": names whose moments are stored in 8 bits}; moments are
-{name: (exp_avg, exp_avg_sq, step)} as full fp32 tensors, from the optimizer's state_dict.
+{name: (exp_avg, exp_avg_sq, step)} as full fp32 tensors, from the optimizer's state_dict (8-bit codes and
+scales gathered, then dequantised).
 """
 
 import argparse
@@ -17,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from helpers import make_trainer, noise_samples
 from hidream_ft.data.collate import TextToImageCollator
+from hidream_ft.optim.adamw8bit import MOMENTS, dequantize_blockwise, quantization_map
 from hidream_ft.parallel.distributed import shutdown
 
 
@@ -27,7 +29,15 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 def moments(trainer) -> dict:
     names = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
     exported = trainer.optimizer.state_dict()["state"]
-    return {names[i]: (full(s["exp_avg"]), full(s["exp_avg_sq"]), int(s["step"])) for i, s in exported.items()}
+    result = {}
+    for i, state in exported.items():
+        if "exp_avg_codes" in state:
+            values = [dequantize_blockwise(full(state[f"{name}_codes"]), full(state[f"{name}_scales"]),
+                                           quantization_map(signed)) for name, signed in MOMENTS]
+        else:
+            values = [full(state["exp_avg"]), full(state["exp_avg_sq"])]
+        result[names[i]] = (*values, int(state["step"]))
+    return result
 
 
 def main() -> None:

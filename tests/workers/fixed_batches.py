@@ -13,6 +13,7 @@ import json
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from helpers import make_trainer, noise_samples
 from hidream_ft.data.collate import TextToImageCollator
@@ -40,6 +41,9 @@ def main() -> None:
         if args.save_at and step + 1 == args.save_at:
             trainer.save_checkpoint(step + 1, {"position": step + 1})
             break
+    # Frozen parameters this rank holds only a shard of.
+    frozen_shards = sum(isinstance(p, DTensor) and p.to_local().shape != p.shape
+                        for p in trainer.model.parameters() if not p.requires_grad)
     state = get_model_state_dict(trainer.model, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
     if env.is_main:
@@ -50,7 +54,8 @@ def main() -> None:
         params = {k: v.float().flatten()[:64].tolist() for k, v in sorted(state.items())}
         with open(args.out, "w") as f:
             json.dump({"losses": losses, "digest": digest.hexdigest(), "params": params,
-                       "world_size": env.world_size, "skipped": trainer.skipped_total}, f)
+                       "world_size": env.world_size, "skipped": trainer.skipped_total,
+                       "frozen_shards": frozen_shards}, f)
     dist.barrier()
     shutdown()
 
