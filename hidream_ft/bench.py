@@ -3,6 +3,7 @@
     python -m hidream_ft.bench --mode lora --size 1024 --batch 1 --steps 10 [--ac none|full|selective|op]
         [--compile] [--optim adamw|adamw8bit] [--attention auto|dense|split|flex] [--shape 8b|tiny]
         [--set KEY=VALUE ...] [--profile DIR] [--counts]
+    python -m hidream_ft.bench --size 512[,1024 ...] --max-tokens 4608 ...    # one packed row per rank
     torchrun --nproc_per_node 8 -m hidream_ft.bench ...        # sharded; images/s and tokens/s are global
 
 The model is built on the meta device in the Qwen3-VL-8B shape, given LoRA adapters or the full-FT trainable
@@ -12,10 +13,10 @@ data loading is not part of the figure; the batch is pinned once and copied to t
 step, as a batch from the data loader is. Steps after ``--warmup`` are timed one by one. Prints a markdown row:
 
     s/step (median, min, max), images/s, tokens/s (all sequence tokens, text included; from the median),
-    peak memory (CUDA: max allocated; CPU: process max RSS), MFU = (6·N + 12·L·d·S)·tokens / (step time · peak)
+    peak memory (CUDA: max allocated; CPU: process max RSS), MFU = Σ_i (6·N + 12·L·d·S_i)·S_i / (step time · peak)
 
-with N the decoder parameters without the embedding (6.95e9 at 8B), L layers, d hidden size, S sequence length
-and a peak of 989 TFLOP/s (H100 dense bf16). The convention counts 6·N for LoRA too and ignores activation
+with N the decoder parameters without the embedding (6.95e9 at 8B), L layers, d hidden size, S_i the sequence
+length of sample i (a packed row's padding counts nowhere) and a peak of 989 TFLOP/s (H100 dense bf16). The convention counts 6·N for LoRA too and ignores activation
 recomputation, so it compares recipes, not hardware utilisation. ``--shape tiny`` runs the same path on CPU.
 """
 
@@ -42,10 +43,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hidream_ft.trainer import Trainer
 from hidream_ft.cli import entry_point, int_at_least
 from hidream_ft.config import AttentionKind, load_config, toml_literal
-from hidream_ft.data.collate import TextToImageCollator
+from hidream_ft.data.collate import TextToImageCollator, TrainCollator
+from hidream_ft.data.paired import sample_tokens
+from hidream_ft.data.planner import PackedSamples
 from hidream_ft.data.samples import Sample
 from hidream_ft.metrics import peak_memory_gib
 from hidream_ft.model.attention import resolve_attention
+from hidream_ft.model.conditioning import ConditionProcessor
+from hidream_ft.model.layout import PackedLayout
 from hidream_ft.model.loading import load_model
 from hidream_ft.testing.tiny import preprocessor_config, tiny_config_dict, tiny_tokenizer
 from hidream_ft.parallel.distributed import init_distributed, shutdown
@@ -85,13 +90,21 @@ class Measurement:
     tokens_per_s: float
     peak_gib: float
     mfu: float | None  # fraction of the peak; None on CPU, where the H100 peak means nothing
-    seq_len: int
+    seq_len: int  # of a row: padded to the longest sample, or to --max-tokens when packed
+    images: int  # per rank: the batch size, or the samples in the packed row
     graphs_before_timing: int  # dynamo graphs compiled by the end of the warm-up
 
 
 def model_flops_per_token(decoder_params: int, layers: int, hidden: int, seq_len: int) -> float:
     """Training FLOPs per token: 6 per weight (forward + backward) plus 12·L·d·S for attention scores."""
     return 6 * decoder_params + 12 * layers * hidden * seq_len
+
+
+def mean_flops_per_token(decoder_params: int, layers: int, hidden: int, sequence_lengths: list[int]) -> float:
+    """Training FLOPs per real token of a batch whose samples have these sequence lengths: each sample's
+    attention term uses its own length (a packed sample attends within itself)."""
+    flops = sum(model_flops_per_token(decoder_params, layers, hidden, s) * s for s in sequence_lengths)
+    return flops / sum(sequence_lengths)
 
 
 def mfu(step_s: float, tokens_per_step: int, flops_per_token: float, peak_flops: float) -> float:
@@ -139,11 +152,41 @@ def build_trainer(cfg, env) -> Trainer:
 def synthetic_batch(trainer: Trainer, size: int, batch: int, text_tokens: int):
     """``batch`` random size×size images whose captions fill the text budget exactly as a long caption would."""
     collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, text_tokens)
-    caption = " ".join(itertools.islice(itertools.cycle(CAPTION_WORDS), text_tokens))
-    g = torch.Generator().manual_seed(0)
-    samples = [Sample(torch.rand(3, size, size, generator=g) * 2 - 1, caption, f"bench-{i}", noise_seed=i)
-               for i in range(batch)]
-    return collate(samples)
+    caption, g = long_caption(text_tokens), torch.Generator().manual_seed(0)
+    return collate([random_sample(g, size, caption, i) for i in range(batch)])
+
+
+def long_caption(text_tokens: int) -> str:
+    """A caption of ``text_tokens`` words: longer than the prompt budget, which it therefore fills."""
+    return " ".join(itertools.islice(itertools.cycle(CAPTION_WORDS), text_tokens))
+
+
+def random_sample(generator: torch.Generator, size: int, caption: str, index: int) -> Sample:
+    return Sample(torch.rand(3, size, size, generator=generator) * 2 - 1, caption, f"bench-{index}",
+                  noise_seed=index)
+
+
+def packed_batch(trainer: Trainer, processor: ConditionProcessor, sizes: list[int], max_tokens: int,
+                 text_tokens: int):
+    """One packed row of ``max_tokens`` tokens, through the trainer's collator: size×size samples, ``sizes`` in
+    turn, as many as fit by the data planner's count (captions filling ``text_tokens``, so the count is exact)."""
+    collate = TrainCollator(trainer.tokenizer, trainer.tokens, text_tokens, processor)
+    caption, g = long_caption(text_tokens), torch.Generator().manual_seed(0)
+    samples, used = [], 0
+    for i, size in enumerate(itertools.cycle(sizes)):
+        used += sample_tokens((size, size), None, text_tokens)
+        if used > max_tokens:
+            break
+        samples.append(random_sample(g, size, caption, i))
+    return collate(PackedSamples(samples, max_tokens))
+
+
+def sequence_lengths(batch) -> list[int]:
+    """Real tokens of each sample: its stretch of a packed row, else the whole row."""
+    if isinstance(batch.layout, PackedLayout):
+        documents = batch.layout.document_ids
+        return torch.bincount(documents[documents >= 0], minlength=batch.size).tolist()
+    return [batch.layout.token_types.shape[1]] * batch.size
 
 
 def decoder_params(trainer: Trainer) -> int:
@@ -212,13 +255,13 @@ def measure(trainer: Trainer, batch, steps: int, warmup: int, peak_tflops: float
               "optimizer step; the timing is not representative", file=sys.stderr)
     step_s = statistics.median(times)
     world = trainer.env.world_size
-    seq_len = batch.layout.token_types.shape[1]
-    images = batch.size * world
+    lengths = sequence_lengths(batch)
+    images, tokens = batch.size * world, sum(lengths) * world
     config = trainer.base.config.text_config
-    flops = model_flops_per_token(decoder_params(trainer), config.num_hidden_layers, config.hidden_size, seq_len)
-    utilisation = mfu(step_s, images * seq_len, flops, peak_tflops * 1e12) if device.type == "cuda" else None
-    return Measurement(step_s, min(times), max(times), images / step_s, images * seq_len / step_s,
-                       peak_memory_gib(device), utilisation, seq_len, graphs_before_timing)
+    flops = mean_flops_per_token(decoder_params(trainer), config.num_hidden_layers, config.hidden_size, lengths)
+    utilisation = mfu(step_s, tokens, flops, peak_tflops * 1e12) if device.type == "cuda" else None
+    return Measurement(step_s, min(times), max(times), images / step_s, tokens / step_s, peak_memory_gib(device),
+                       utilisation, batch.layout.token_types.shape[1], batch.size, graphs_before_timing)
 
 
 @contextlib.contextmanager
@@ -319,9 +362,10 @@ def proxy_counts(trainer: Trainer, batch, graphs_before_timing: int) -> dict[str
 def table_row(args: argparse.Namespace, world: int, result: Measurement, device: torch.device, compiled: bool) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     mfu_text = "n/a" if result.mfu is None else f"{100 * result.mfu:.1f}"
-    cells = [args.shape, args.mode, f"{args.size}²", f"{args.batch} × {world}", args.ac,
+    batch = f"{result.images} packed × {world}" if args.max_tokens else f"{result.images} × {world}"
+    cells = [args.shape, args.mode, ",".join(f"{size}²" for size in args.size), batch, args.ac,
              "yes" if compiled else "no", args.optim,
-             resolve_attention(args.attention, device), str(result.seq_len),
+             resolve_attention(args.attention, device, packed=bool(args.max_tokens)), str(result.seq_len),
              f"{result.step_s:.3f}", f"{result.images_per_s:.2f}", f"{result.tokens_per_s:,.0f}",
              f"{result.peak_gib:.1f}", mfu_text, name, f"{result.min_step_s:.3f}", f"{result.max_step_s:.3f}"]
     return "| " + " | ".join(cells) + " |"
@@ -334,6 +378,10 @@ def multiple_of_32(text: str) -> int:
     return value
 
 
+def square_sides(text: str) -> list[int]:
+    return [multiple_of_32(part) for part in text.split(",")]
+
+
 positive, non_negative = int_at_least(1), int_at_least(0)
 
 
@@ -341,8 +389,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hidream_ft.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["lora", "full"], default="lora")
-    parser.add_argument("--size", type=multiple_of_32, default=1024, help="square image side in pixels")
+    parser.add_argument("--size", type=square_sides, default=[1024],
+                        help="square image side in pixels; several, comma-separated, with --max-tokens")
     parser.add_argument("--batch", type=positive, default=1, help="images per rank per step")
+    parser.add_argument("--max-tokens", type=non_negative, default=0,
+                        help="> 0: one packed row of this many tokens per rank instead of --batch images "
+                             "(data.max_tokens), holding the --size samples in turn while they fit")
     parser.add_argument("--steps", type=positive, default=10, help="timed steps")
     parser.add_argument("--warmup", type=non_negative, default=2, help="untimed steps first (compilation, state init)")
     parser.add_argument("--ac", choices=["none", "full", "selective", "op"], default="none",
@@ -362,7 +414,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="write a torch profiler trace of the timed steps to DIR/trace-rank<r>.json")
     parser.add_argument("--counts", action="store_true",
                         help="also print the CPU proxy counts (ops per layer, host syncs, recompiles, graph breaks)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_tokens:
+        if args.attention == "split":
+            parser.error("--max-tokens: packed rows need --attention flex, dense or auto")
+        first = sample_tokens((args.size[0], args.size[0]), None, args.text_tokens)
+        if first > args.max_tokens:
+            parser.error(f"--max-tokens {args.max_tokens}: one {args.size[0]}² sample takes {first} tokens")
+    elif len(args.size) > 1:
+        parser.error("several --size values need --max-tokens (one packed row of mixed sizes)")
+    return args
 
 
 def compile_setting(args: argparse.Namespace) -> bool | str:
@@ -384,7 +445,11 @@ def run(args: argparse.Namespace) -> str:
         shape_dir = write_shape_dir(Path(tmp), args.shape)
         cfg = load_config(None, config_overrides(args, shape_dir, Path(tmp) / "run"))
         trainer = build_trainer(cfg, env)
-        batch = synthetic_batch(trainer, args.size, args.batch, args.text_tokens)
+        if args.max_tokens:
+            processor = ConditionProcessor.from_pretrained(shape_dir)
+            batch = packed_batch(trainer, processor, args.size, args.max_tokens, args.text_tokens)
+        else:
+            batch = synthetic_batch(trainer, args.size[0], args.batch, args.text_tokens)
         if env.device.type == "cuda":
             batch = batch.pin_memory()  # as the data loader hands it over: each step copies it asynchronously
         result = measure(trainer, batch, args.steps, args.warmup, args.peak_tflops, args.profile)

@@ -39,6 +39,8 @@ from hidream_ft.errors import UserError
 from hidream_ft.model.dtypes import TORCH_DTYPES
 from hidream_ft.model.loading import load_model
 from hidream_ft.model.patches import PATCH_SIZE
+from hidream_ft.optim import fused_kernel
+from hidream_ft.optim.adamw8bit import ShardedAdamW8bit
 from hidream_ft.parallel.distributed import DistEnv
 from hidream_ft.trainer import Trainer
 
@@ -306,6 +308,20 @@ class StepMeasurement:
     traced: CollectiveCounter
 
 
+def _kernel_update_in_place(*args, **kwargs) -> None:
+    """Stands in for the 8-bit AdamW's Triton kernel, which reads and writes weights and state in place and
+    allocates nothing but a pointer table of 9 int64 per parameter."""
+
+
+def gpu_optimizer_kernel() -> ExitStack:
+    """The 8-bit AdamW updating as on a GPU with Triton (in place, by :func:`_kernel_update_in_place`) instead
+    of its CPU path, whose fp32 temporaries of every trained parameter a GPU never holds."""
+    stack = ExitStack()
+    stack.enter_context(unittest.mock.patch.object(ShardedAdamW8bit, "_on_kernel", staticmethod(lambda device: True)))
+    stack.enter_context(unittest.mock.patch.object(fused_kernel, "adamw_step", _kernel_update_in_place))
+    return stack
+
+
 def measure_step(trainer: Trainer, micro_batches: list) -> StepMeasurement:
     """Two :meth:`Trainer.step` calls under torch's memory tracker — the first creates the optimizer state, so
     the peak is that of every later step —; FLOPs and collectives of the second."""
@@ -431,10 +447,6 @@ def fake_trainer(cfg: Config, env: DistEnv, mode: FakeTensorMode) -> Trainer:
 
 def make_plan(cfg: Config, gpus: int, per_node: int, gpu: GPU) -> Plan:
     """Build the configured run for ``gpus`` ranks on fake tensors and measure one step of rank 0."""
-    if cfg.optim.name == "adamw8bit":
-        # Its kernels and torch's DTensor shard-offset helper read tensor values, which fake tensors lack.
-        raise UserError("the planner cannot run optim.name = 'adamw8bit' yet; plan with --set optim.name=adamw "
-                        "(its state is 8 bytes per trained parameter, the 8-bit one's about 2)")
     load = workload(cfg)
     env = DistEnv(rank=0, world_size=gpus, local_rank=0, local_world_size=min(gpus, per_node),
                   device=torch.device("cpu"))
@@ -447,7 +459,8 @@ def make_plan(cfg: Config, gpus: int, per_node: int, gpu: GPU) -> Plan:
                          for _ in range(load.micro_batches)]
         # The ViT derives its packing from the image-grid tensor with data-dependent ops (repeat_interleave,
         # tolist); fake tensors that small keep their real values ("constants"), so those ops can run.
-        with mode, unittest.mock.patch.object(fake_tensor, "CONSTANT_NUMEL_LIMIT", CONSTANT_NUMEL_LIMIT):
+        with mode, unittest.mock.patch.object(fake_tensor, "CONSTANT_NUMEL_LIMIT", CONSTANT_NUMEL_LIMIT), \
+                gpu_optimizer_kernel():
             step = measure_step(trainer, micro_batches)
     finally:
         dist.destroy_process_group()

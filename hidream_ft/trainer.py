@@ -25,7 +25,7 @@ from hidream_ft.flow.objective import (
     add_noise, diffusion_loss, draw_packed_sigmas_and_noise, draw_sigmas_and_noise, model_timestep,
 )
 from hidream_ft.inference.validation import log_validation, render_validation
-from hidream_ft.metrics import MetricsLogger, peak_memory_gib
+from hidream_ft.metrics import MetricsLogger, peak_memory_gib, require_wandb
 from hidream_ft.model.layout import SpecialTokens
 from hidream_ft.errors import UserError
 from hidream_ft.model.dtypes import TORCH_DTYPES
@@ -158,7 +158,7 @@ def compute_loss(model, batch: TrainBatch, diffusion: DiffusionConfig) -> torch.
     # Only the target is noised and predicted; reference patches (edit / IP) ride along clean.
     x_pred = model(**batch.model_inputs(z), timestep=model_timestep(sigmas), **output)
     return diffusion_loss(x_pred, x0, sigmas, kind=diffusion.loss, sigma_floor=diffusion.velocity_sigma_floor,
-                          sample_weights=batch.weights, token_counts=counts)
+                          token_weights=batch.token_weights, sample_weights=batch.weights, token_counts=counts)
 
 
 class Trainer:
@@ -299,6 +299,7 @@ def check_inputs(cfg: Config) -> None:
     LoRA targets name no known module."""
     load_hf_config(cfg.model.path)
     check_base_quantization(cfg)
+    require_wandb(cfg.logging)
     if cfg.train.mode == "lora":
         lora_target_regex(cfg.lora)
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
@@ -364,7 +365,7 @@ def train_locked(cfg: Config, env: DistEnv, preemption: PreemptionHandler, lock:
                               default_batch_size=cfg.train.batch_size, collate=collate)
     if data_state is not None:
         pipeline.load_state_dict(data_state)
-    log = MetricsLogger(output_dir, env.is_main, cfg.logging.tensorboard, cfg.train.max_steps, start_step)
+    log = MetricsLogger(output_dir, env.is_main, cfg.logging, cfg.train.max_steps, start_step)
     if start_step:
         log.info(f"resumed at step {start_step}")
     history = {}
@@ -394,10 +395,9 @@ def train_locked(cfg: Config, env: DistEnv, preemption: PreemptionHandler, lock:
                 **{f"data/{k}": v for k, v in pipeline.total_stats(env.device).items()},
             })
         if cfg.validation.every and done % cfg.validation.every == 0:
-            # Every rank renders (FSDP forwards are collective); rank 0 writes the images.
+            # Every rank renders (FSDP forwards are collective); the logger writes the images on rank 0 only.
             images = render_validation(trainer.model, trainer.tokenizer, trainer.tokens, cfg.validation, env.device)
-            if log.writer is not None:
-                log_validation(log.writer, done, images)
+            log_validation(log, done, images)
         if checkpointing:
             trainer.save_checkpoint(done, pipeline.state_dict())
             last_saved = done

@@ -140,6 +140,8 @@ class FolderSource:
     control_dir: str = ""
     control_dirs: list[str] = field(default_factory=list)
     task: Literal["", "edit", "ip"] = ""  # "": edit for one control folder, ip for several
+    # Masked loss (docs/data.md "Loss masks"): a folder of same-name masks; white = learn, black = ignore.
+    mask_dir: str = ""
 
     @property
     def controls(self) -> list[str]:
@@ -302,10 +304,20 @@ class LoggingConfig:
     output_dir: str = "runs/default"
     log_every: int = 10
     tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "hidream-ft"
+    wandb_run_name: str = ""  # empty: the output folder's name
+    # Offline by default: compute nodes often have no network, and an online run needs a login; `wandb sync`
+    # uploads an offline run later.
+    wandb_mode: str = "offline"
 
     def validate(self, where: str) -> None:
         if self.log_every < 1:
             raise ConfigError(f"{where}.log_every: must be ≥ 1 (steps between logged scalars), got {self.log_every}")
+        if self.wandb_mode not in ("online", "offline"):
+            raise ConfigError(f"{where}.wandb_mode: {self.wandb_mode!r} is not one of 'online', 'offline'")
+        if self.wandb and not self.wandb_project:
+            raise ConfigError(f"{where}.wandb_project: must not be empty when {where}.wandb = true")
 
 
 @dataclass
@@ -373,7 +385,7 @@ def _relative_to_file(table: dict, folder: Path) -> None:
         data["shards"] = [rebase(pattern) for pattern in data["shards"]]
     for i, folder_entry in enumerate(data.get("folders", []) if isinstance(data.get("folders"), list) else []):
         if isinstance(folder_entry, dict):
-            for key in ("path", "control_dir"):
+            for key in ("path", "control_dir", "mask_dir"):
                 if key in folder_entry:
                     folder_entry[key] = rebase(folder_entry[key])
             if isinstance(folder_entry.get("control_dirs"), list):

@@ -11,7 +11,7 @@ import torch
 from hidream_ft.config import ConfigError
 from hidream_ft.data.planner import PackedSamples
 from hidream_ft.model.errors import ModelInputError
-from hidream_ft.model.patches import patchify, pixels_from_uint8, uint8_from_pixels
+from hidream_ft.model.patches import PATCH_SIZE, patchify, pixels_from_uint8, uint8_from_pixels
 from hidream_ft.model.layout import (
     LayoutBatch, PackedLayout, SampleLayout, SpecialTokens, build_t2i_layout, chat_prompt_ids, collate_layouts,
     truncate_caption,
@@ -50,6 +50,9 @@ class TrainBatch:
     keys: list[str]
     noise_seeds: list[int]  # one per sample: its σ and ε are drawn from this seed
     conditions: ImageConditions | None = None  # edit / IP batches: clean reference patches and ViT inputs
+    # Loss weight of each target token ([B, N_target], [Σ N_target] when packed) from the samples' masks;
+    # None when every token weighs 1 (no masks, or white ones): the loss is then the plain mean, bit for bit.
+    token_weights: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -73,15 +76,27 @@ class TrainBatch:
     def to(self, device: torch.device | str) -> "TrainBatch":
         device = torch.device(device)
         return TrainBatch(self.layout.to(device), _copy_to(self.target, device), _copy_to(self.weights, device),
-                          self.keys, self.noise_seeds, None if self.conditions is None else self.conditions.to(device))
+                          self.keys, self.noise_seeds, None if self.conditions is None else self.conditions.to(device),
+                          None if self.token_weights is None else _copy_to(self.token_weights, device))
 
     def pin_memory(self) -> "TrainBatch":
         """Called by the DataLoader's pin-memory thread (``data.pin_memory`` on CUDA machines)."""
-        return dataclasses.replace(self, target=self.target.pin_memory(), weights=self.weights.pin_memory())
+        return dataclasses.replace(
+            self, target=self.target.pin_memory(), weights=self.weights.pin_memory(),
+            token_weights=None if self.token_weights is None else self.token_weights.pin_memory())
 
     def model_inputs(self, noisy_target: torch.Tensor) -> dict:
         """``HiDreamO1.forward`` keyword arguments but the timestep; the references follow the noisy target."""
         return generation_inputs(self.layout, noisy_target, self.conditions)
+
+
+def _token_weights(sample) -> torch.Tensor:
+    """[N_target] loss weights of the sample's target tokens: its mask's mean over each patch, in
+    :func:`patchify`'s row-major token order; all ones without a mask."""
+    if getattr(sample, "mask", None) is None:
+        _, height, width = sample.pixels.shape
+        return torch.ones((height // PATCH_SIZE) * (width // PATCH_SIZE))
+    return torch.nn.functional.avg_pool2d(sample.mask[None, None], PATCH_SIZE).flatten()
 
 
 class TextToImageCollator:
@@ -113,8 +128,10 @@ class TextToImageCollator:
               conditions: ImageConditions | None = None) -> TrainBatch:
         if isinstance(layout, PackedLayout):
             x0 = torch.cat([patchify(s.pixels[None])[0] for s in samples])
+            token_weights = torch.cat([_token_weights(s) for s in samples])
         else:
             x0 = patchify(torch.stack([s.pixels for s in samples]))
+            token_weights = torch.stack([_token_weights(s) for s in samples])
         codes = uint8_from_pixels(x0)
         return TrainBatch(
             layout=layout,
@@ -123,6 +140,7 @@ class TextToImageCollator:
             keys=[s.key for s in samples],
             noise_seeds=[s.noise_seed for s in samples],
             conditions=conditions,
+            token_weights=None if bool((token_weights == 1).all()) else token_weights,
         )
 
 

@@ -44,6 +44,15 @@ def walk_folder(root: Path) -> tuple[list[Path], list[Path]]:
     return images, metadata
 
 
+def images_by_key(folder: Path) -> dict[str, str]:
+    """Sample key (relative path without extension, as for targets) → image path, for a folder of companion
+    images (controls, masks) named like the targets."""
+    index = {}
+    for path in walk_folder(folder)[0]:
+        index.setdefault(sample_key(PurePosixPath(path.relative_to(folder).as_posix())), str(path))
+    return index
+
+
 def _read_metadata(files: list[Path], counts: Counter) -> dict[Path, dict]:
     """``metadata.jsonl`` entries keyed by the image path they name (``file_name`` is relative to the
     metadata file's folder)."""
@@ -88,10 +97,11 @@ def resolved_folder(path: str, where: str) -> Path:
 
 def scan_folder(
     root: Path, num_repeats: int, missing_caption: str, counts: Counter, key_base: Path | None = None,
-    seen_keys: dict | None = None,
+    seen_keys: dict | None = None, masks: dict[str, str] | None = None,
 ) -> list[FolderItem]:
     """Items of the folder ``root``; keys are paths relative to ``key_base`` (default: ``root``) and must be
-    unique within ``seen_keys`` (shared between the folders of one dataset)."""
+    unique within ``seen_keys`` (shared between the folders of one dataset). ``masks``: the folder's loss
+    masks by key relative to ``root`` (:func:`images_by_key`); an image without one is learnt whole."""
     key_base = key_base or root
     seen_keys = {} if seen_keys is None else seen_keys
     images, metadata_files = walk_folder(root)
@@ -118,16 +128,42 @@ def scan_folder(
                 continue
             record(counts, "caption_missing_empty", f"{image}: no caption, training it with the empty prompt")
         weight = float(entry.get("weight", 1.0))
-        items.append(FolderItem(key, str(image), caption or "", weight, width, height, num_repeats))
+        mask = (masks or {}).get(sample_key(PurePosixPath(image.relative_to(root).as_posix())))
+        if mask is not None and not _mask_fits(mask, width, height, counts):
+            continue
+        items.append(FolderItem(key, str(image), caption or "", weight, width, height, num_repeats, mask=mask))
     for path in sorted(set(metadata) - matched):
         record(counts, "metadata_unmatched", f"{path}: named in {METADATA_FILE} but not an image found here")
     return items
+
+
+def _mask_fits(mask: str, width: int, height: int, counts: Counter) -> bool:
+    """A mask must have its image's displayed size, so that the image's crop box cuts the same region of it;
+    an unreadable or mis-sized mask leaves its image out, counted like a bad image."""
+    try:
+        size = probe_size(mask, mask)
+    except BadImage as e:
+        record(counts, "corrupt_image", str(e))
+        return False
+    if size != (width, height):
+        record(counts, "corrupt_image", f"{mask}: mask is {size[0]}x{size[1]}, its image {width}x{height}")
+        return False
+    return True
+
+
+def _mask_index(mask_dir: str, root: Path, where: str) -> dict[str, str]:
+    folder = resolved_folder(mask_dir, where)
+    if folder.is_relative_to(root):  # its masks would be indexed as training images of the folder
+        raise ConfigError(f"{where}: {mask_dir!r} is inside the image folder {str(root)!r}; move the masks out")
+    return images_by_key(folder)
 
 
 def scan_folders(sources: list[FolderSource], missing_caption: str, counts: Counter) -> list[FolderItem]:
     """All folders' items. Keys are relative to the folders' common parent ('cats/001' and 'dogs/001' for
     folders .../cats and .../dogs; just '001' for a single folder), so they are unique across folders."""
     roots = [resolved_folder(source.path, f"data.folders[{i}].path") for i, source in enumerate(sources)]
+    masks = [_mask_index(source.mask_dir, root, f"data.folders[{i}].mask_dir") if source.mask_dir else None
+             for i, (source, root) in enumerate(zip(sources, roots))]
     duplicates = [str(root) for root in roots if roots.count(root) > 1]
     if duplicates:
         raise ConfigError(f"data.folders: {duplicates[0]} is listed twice; use num_repeats to repeat a folder")
@@ -135,8 +171,8 @@ def scan_folders(sources: list[FolderSource], missing_caption: str, counts: Coun
     seen_keys: dict = {}
     items = [
         item
-        for root, source in zip(roots, sources)
-        for item in scan_folder(root, source.num_repeats, missing_caption, counts, key_base, seen_keys)
+        for root, source, folder_masks in zip(roots, sources, masks)
+        for item in scan_folder(root, source.num_repeats, missing_caption, counts, key_base, seen_keys, folder_masks)
     ]
     if not items:
         folders = ", ".join(source.path for source in sources)

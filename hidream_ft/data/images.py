@@ -143,3 +143,12 @@ def render_image(source: str | bytes, bucket: Bucket, offset: float, counts: Cou
     # at about a third of its cost.
     resized = torch.nn.functional.interpolate(region, size=(bucket[1], bucket[0]), mode="bicubic", antialias=True)
     return pixels_from_uint8(resized[0])
+
+
+def render_mask(source: str | bytes, bucket: Bucket, offset: float, name: str,
+                max_pixels: int | None = None) -> torch.Tensor:
+    """A loss mask rendered exactly as :func:`render_image` renders its image (same bucket, same ``offset``, so
+    the same crop box), read as grey levels: float32 [H, W] in [0, 1], 1 = learn, 0 = ignore. Its conversions
+    are not counted: the counts describe the images."""
+    pixels = render_image(source, bucket, offset, Counter(), name, max_pixels)
+    return pixels.add(1).div(2).mean(dim=0)

@@ -25,3 +25,4 @@ class FolderItem:
     height: int
     repeats: int
     controls: Controls | None = None  # edit / IP targets: their control images (hidream_ft.data.paired)
+    mask: str | None = None  # loss mask file (the folder's ``mask_dir``); None: the whole image is learnt

@@ -13,7 +13,7 @@ import numpy as np
 
 from hidream_ft.config import ConfigError, DataConfig, FolderSource
 from hidream_ft.data.buckets import Bucket, Stage
-from hidream_ft.data.folders import resolved_folder, sample_key, walk_folder
+from hidream_ft.data.folders import images_by_key, resolved_folder, sample_key
 from hidream_ft.data.images import IMAGE_EXTENSIONS, BadImage, ImageTooLarge, decode_rgb, probe_size
 from hidream_ft.data.items import Controls, FolderItem
 from hidream_ft.data.samples import Sample
@@ -56,14 +56,6 @@ def sample_tokens(bucket: Bucket, control_sizes: tuple[tuple[int, int], ...] | N
 # -- folders -------------------------------------------------------------------------------------------------
 
 
-def index_controls(control_dir: Path) -> dict[str, str]:
-    """Sample key (relative path without extension, as for targets) → image path, for one control folder."""
-    index = {}
-    for path in walk_folder(control_dir)[0]:
-        index.setdefault(sample_key(PurePosixPath(path.relative_to(control_dir).as_posix())), str(path))
-    return index
-
-
 @dataclass
 class _PairedFolder:
     where: str
@@ -84,7 +76,7 @@ def _paired_folders(sources: list[FolderSource]) -> list[_PairedFolder]:
                               "references are supported")
         dirs = [resolved_folder(d, f"{where}.control_dirs[{j}]") for j, d in enumerate(source.controls)]
         folders.append(_PairedFolder(where, resolved_folder(source.path, f"{where}.path"), dirs,
-                                     [index_controls(d) for d in dirs], source.task or default_task(len(dirs))))
+                                     [images_by_key(d) for d in dirs], source.task or default_task(len(dirs))))
     # Nested data folders: an image belongs to the innermost folder that holds it.
     return sorted(folders, key=lambda f: len(f.root.parts), reverse=True)
 

@@ -11,7 +11,7 @@ import torch
 from hidream_ft.config import DataConfig
 from hidream_ft.data.buckets import Bucket
 from hidream_ft.data.captions import build_caption
-from hidream_ft.data.images import BadImage, ImageTooLarge, render_image
+from hidream_ft.data.images import BadImage, ImageTooLarge, render_image, render_mask
 from hidream_ft.data.stats import record
 
 
@@ -25,6 +25,7 @@ class Sample:
     references: list[torch.Tensor] = field(default_factory=list)  # edit / IP: [3, h, w] in [-1, 1], in order
     # Seeds this draw's σ and ε: fixed by seed and data position, so noise survives resumes and resharding.
     noise_seed: int = 0
+    mask: torch.Tensor | None = None  # float32 [H, W] in [0, 1], cropped like ``pixels``: the loss weight per pixel
 
 
 def rng_for(*parts) -> random.Random:
@@ -43,18 +44,24 @@ def make_sample(
     cfg: DataConfig,
     seed_parts: tuple,
     counts: Counter,
+    mask: str | bytes | None = None,
 ) -> Sample | None:
-    """The sample for one image, or None when it cannot be decoded (counted as ``corrupt_image``) or is larger
-    than ``data.max_image_pixels`` (``too_large_skipped``). Crop and caption draw from separate generators so
-    that changing a caption setting leaves the crops alone."""
+    """The sample for one image, or None when it or its loss ``mask`` cannot be decoded (counted as
+    ``corrupt_image``), is larger than ``data.max_image_pixels`` (``too_large_skipped``) or its mask is black
+    over the whole crop (``mask_empty_skipped``: nothing to learn). Crop and caption draw from separate
+    generators so that changing a caption setting leaves the crops alone."""
     offset = rng_for("crop", *seed_parts).random() if cfg.crop == "random" else 0.5
     try:
         pixels = render_image(source, bucket, offset, counts, name, cfg.max_image_pixels)
+        weights = None if mask is None else render_mask(mask, bucket, offset, f"mask of {name}", cfg.max_image_pixels)
     except ImageTooLarge as e:
         record(counts, "too_large_skipped", str(e))
         return None
     except BadImage as e:
         record(counts, "corrupt_image", str(e))
         return None
+    if weights is not None and not weights.any():
+        record(counts, "mask_empty_skipped", f"{name}: its mask is black over the whole crop")
+        return None
     return Sample(pixels, build_caption(caption, cfg, rng_for("caption", *seed_parts)), key, weight,
-                  noise_seed=rng_for("noise", *seed_parts).getrandbits(63))
+                  noise_seed=rng_for("noise", *seed_parts).getrandbits(63), mask=weights)

@@ -163,7 +163,7 @@ class FolderBatches(IterableDataset):
         item = self.items[index]
         record(counts, "samples_read")
         sample = make_sample(item.path, item.path, item.key, item.caption, item.weight, bucket, self.cfg,
-                             (self.seed, *seed_parts), counts)
+                             (self.seed, *seed_parts), counts, item.mask)
         return with_references(sample, item.controls, bucket, self.cfg, counts)
 
     def _replacement(self, key: int, epoch: int, position: int, stage: Stage, counts: Counter) -> Sample | None:

@@ -38,6 +38,7 @@ REASONS = (
     "batch_short",
     "control_missing_skipped",
     "too_many_references",
+    "mask_empty_skipped",
 )
 
 # The first few events of each reason are logged with file names; the rest only count.

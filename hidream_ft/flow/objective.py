@@ -92,24 +92,35 @@ def diffusion_loss(
     kind: str = "x0",
     sigma_floor: float = 0.05,
     token_mask: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
     sample_weights: torch.Tensor | None = None,
     token_counts: list[int] | None = None,
 ) -> torch.Tensor:
     """Mean squared error on the target tokens, in fp32.
 
     ``token_mask`` [B, N] selects which tokens count (padding or reference tokens are excluded);
+    ``token_weights`` (shaped like the error: [B, N], or [Σ counts] when packed) weighs them: each sample's
+    loss is then Σ w·err / Σ w (the data pipeline leaves out samples whose weights are all 0);
     ``token_counts`` says that x_pred and x0 are [Σ counts, D], the tokens of samples of different sizes one
     after the other (a packed row); ``kind="velocity"`` weights each sample by 1/max(σ, floor)², the loss on
     v = (x - z)/σ.
     """
     err = (x_pred.float() - x0.float()).pow(2).mean(dim=-1)  # [B, N], or [Σ counts] when packed
-    if token_counts is not None:
+    if token_counts is not None and token_weights is not None:
+        per_sample = torch.stack([
+            (tokens * weights).sum() / weights.sum().clamp_min(1e-12)
+            for tokens, weights in zip(err.split(token_counts), token_weights.float().split(token_counts))
+        ])
+    elif token_counts is not None:
         per_sample = torch.stack([tokens.mean() for tokens in err.split(token_counts)])
-    elif token_mask is None:
+    elif token_mask is None and token_weights is None:
         per_sample = err.mean(dim=1)
     else:
-        mask = token_mask.to(err.dtype)
-        per_sample = (err * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+        weights = torch.ones_like(err) if token_mask is None else token_mask.to(err.dtype)
+        if token_weights is not None:
+            weights = weights * token_weights.float()
+        # The floor only matters for a sample without a counted token, whose numerator is 0 as well.
+        per_sample = (err * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-12)
     if kind == "velocity":
         per_sample = per_sample / sigmas.float().clamp_min(sigma_floor).pow(2)
     elif kind != "x0":

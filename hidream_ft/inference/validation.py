@@ -39,7 +39,8 @@ def image_tag(index: int, prompt: str) -> str:
 
 
 def log_validation(writer, step: int, images: list[tuple[str, torch.Tensor]]) -> None:
-    """Write each image under :func:`image_tag` at ``step`` (``writer``: a torch SummaryWriter)."""
+    """Write each image under :func:`image_tag` at ``step`` (``writer``: a torch SummaryWriter, or the trainer's
+    MetricsLogger, which forwards them to tensorboard and wandb)."""
     for index, (prompt, image) in enumerate(images):
         writer.add_image(image_tag(index, prompt), image, global_step=step, dataformats="CHW")
     writer.flush()

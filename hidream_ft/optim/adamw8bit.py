@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 import hidream_ft.optim.fused_kernel as fused_kernel
 
@@ -118,11 +117,17 @@ def _rows_cols(param: torch.Tensor) -> tuple[int, int]:
 
 
 def _global_element_offset(param: torch.Tensor) -> int:
-    """Where this rank's shard starts in the flattened full parameter (FSDP2 shards whole rows)."""
-    if not isinstance(param, DTensor):
+    """Where this rank's shard starts in the flattened full parameter (FSDP2 shards whole rows). Computed from
+    the mesh coordinate and placements in Python ints: no tensor value is read (the planner's fake tensors have
+    none)."""
+    if not isinstance(param, DTensor) or not param.dim():
         return 0
-    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return offset[0] * math.prod(param.shape[1:]) if param.dim() else 0
+    rows, first_row = param.shape[0], 0
+    for placement, size, rank in zip(param.placements, param.device_mesh.shape, param.device_mesh.get_coordinate()):
+        if isinstance(placement, Shard):  # FSDP2 shards dim 0
+            rows, offset = Shard.local_shard_size_and_offset(rows, size, rank)
+            first_row += offset
+    return first_row * math.prod(param.shape[1:])
 
 
 def _like_param(param: torch.Tensor, local: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
