@@ -340,11 +340,11 @@ def measure_step(trainer: Trainer, micro_batches: list) -> StepMeasurement:
     try:
         with tracker:
             trainer.step(micro_batches, read=False)
-            trainer._unread = None  # the step's loss and grad-norm: fake tensors have no values to read
+            trainer.discard_unread()  # the step's loss and grad-norm: fake tensors have no values to read
             tracker.reset_mod_stats()  # per-module statistics only; the peak is kept
             with flops, collectives:
                 trainer.step(micro_batches, read=False)
-            trainer._unread = None
+            trainer.discard_unread()
     finally:
         hook.remove()
     (peak,) = tracker.get_tracker_snapshot("peak").values()

@@ -243,6 +243,10 @@ class Trainer:
             self._unread = None
             self._take(index, copy.values())
 
+    def discard_unread(self) -> None:
+        """Forget the unread step's values without reading them (the planner's fake tensors hold none)."""
+        self._unread = None
+
     def _take(self, index: int, values: list[float]) -> StepReading:
         loss, grad_norm, in_a_row, *sums = values
         reading = StepReading(index, loss, grad_norm, sums)

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import DIST_VARIABLES
+from helpers import DIST_VARIABLES, forward_inputs
 from hidream_ft.model import SpecialTokens, load_hf_config, load_model, load_tokenizer
 from hidream_ft.parallel.distributed import shutdown
 from hidream_ft.testing.tiny import write_tiny_checkpoint
@@ -30,6 +30,18 @@ def no_process_group_outlives_its_test():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-hidream"))
+
+
+@pytest.fixture(scope="session")
+def base(tiny_checkpoint):
+    """The tiny checkpoint as the base model that adapters are trained on, merged into and exported against."""
+    return tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def inputs(tiny_checkpoint):
+    """Forward inputs for the tiny checkpoint (helpers.forward_inputs)."""
+    return forward_inputs(tiny_checkpoint)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,6 @@ from hidream_ft.lora.targets import init_lora_weights
 from hidream_ft.model import load_model
 from hidream_ft.model.loading import weight_files
 from hidream_ft.sample import main as sample_main
-from hidream_ft.testing.tiny import write_tiny_checkpoint
 
 TARGETS = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
            r"|model\.final_layer2\.linear")
@@ -47,16 +46,6 @@ KIND_OPTIONS = {
 }
 ADAPTER_PARTS = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),
                  "loha": ("hada_",), "lokr": ("lokr_",)}
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture(scope="module")
-def inputs(base):
-    return forward_inputs(base)
 
 
 def base_state(base) -> dict[str, torch.Tensor]:

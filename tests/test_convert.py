@@ -16,7 +16,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from helpers import forward_inputs
 from hidream_ft.convert import load_adapter, load_source, merge_checkpoint
 from hidream_ft.convert.__main__ import main
 from hidream_ft.convert.merge import StreamingSafetensorsWriter
@@ -32,16 +31,6 @@ from hidream_ft.testing.tiny import write_tiny_checkpoint
 DECODER_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 PROJECTIONS = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
 LAYERS = 3  # write_tiny_checkpoint default
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture(scope="module")
-def inputs(base):
-    return forward_inputs(base)
 
 
 def peft_lora_model(base, seed=0, target=DECODER_TARGETS, **config):
