@@ -36,6 +36,8 @@ ClusterName=ci
 SlurmctldHost=${host}(127.0.0.1)
 SlurmUser=slurm
 AuthType=auth/munge
+# A requeued job may start again once its old credential has expired (default 120 s); tests requeue jobs.
+AuthInfo=cred_expire=15
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres

@@ -337,6 +337,7 @@ def measure_step(trainer: Trainer, micro_batches: list) -> StepMeasurement:
     hook = trainer.optimizer.register_step_pre_hook(record_gradients)
     flops = FlopCounterMode(display=False, custom_mapping=SDPA_FLOPS)
     collectives = CollectiveCounter()
+    trainer.lag_reads = True  # leave each step's values unread, to be discarded: fake tensors hold none
     try:
         with tracker:
             trainer.step(micro_batches, read=False)

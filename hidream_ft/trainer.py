@@ -7,7 +7,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +179,8 @@ class Trainer:
         self._skipped_in_a_row = torch.zeros((), dtype=torch.int64, device=env.device)
         self.step_index = 0
         self._unread: tuple[int, HostCopy] | None = None
+        # An unread step's values wait one step only where reading them at once would wait for the device.
+        self.lag_reads = env.device.type == "cuda"
         self.readings: list[StepReading] = []
 
     @property
@@ -190,16 +192,19 @@ class Trainer:
     def skipped_in_a_row(self) -> int:
         return int(self._skipped_in_a_row)
 
-    def step(self, micro_batches: list[TrainBatch], *, read: bool = True, sums: Sequence[float] = ()) -> dict:
+    def step(self, micro_batches: list[TrainBatch], *, read: bool = True,
+             sums: Callable[[], Sequence[float]] = tuple) -> dict:
         """Forward/backward over the micro-batches, then one optimizer step that the device itself skips when
         the global loss or gradient norm is not finite (``optimizer.found_inf``, as torch's GradScaler sets it).
 
-        ``sums``: numbers summed across ranks in the step's loss all-reduce (the preemption votes).
+        ``sums``: gives numbers to sum across ranks in the step's loss all-reduce (the preemption votes); it is
+        called just before that all-reduce, so a signal caught during the forward and backward counts here.
         With ``read``, the host waits for this step and gets floats back ({"loss", "grad_norm", "lr", "sums"}),
         and a diverged run raises :class:`TrainingAborted` here. Without it nothing waits for the device: the
-        values stay on it ("loss", "grad_norm" are device tensors) while a copy travels to host memory, and
-        they are read one step later, by the next call (or :meth:`flush`). Every step's values arrive exactly
-        once, in order, in :attr:`readings` (the caller drains it).
+        values stay on it ("loss", "grad_norm" are device tensors) while a copy travels to host memory. Where
+        the device runs ahead of the host (:attr:`lag_reads`, CUDA) they are read one step later, by the next
+        call (or :meth:`flush`); elsewhere they are on the host already and are read at once. Every step's
+        values arrive exactly once, in order, in :attr:`readings` (the caller drains it).
         """
         self.model.train()
         device = self.env.device
@@ -215,7 +220,7 @@ class Trainer:
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        summed = torch.stack([loss_sum, *(torch.full((), float(value), device=device) for value in sums)])
+        summed = torch.stack([loss_sum, *(torch.full((), float(value), device=device) for value in sums())])
         dist.all_reduce(summed)
         loss = summed[0] / (len(micro_batches) * self.env.world_size)
         # Both numbers are global (all-reduced), so every rank skips the same steps.
@@ -230,11 +235,13 @@ class Trainer:
         self.step_index += 1
         values = torch.stack([loss, grad_norm.to(loss.dtype), self._skipped_in_a_row.to(loss.dtype), *summed[1:]])
         self.flush()
-        if not read:
-            self._unread = (self.step_index, HostCopy(values))
-            return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
-        reading = self._take(self.step_index, [value.item() for value in values.cpu()])
-        return {"loss": reading.loss, "grad_norm": reading.grad_norm, "lr": lr, "sums": reading.sums}
+        if read:
+            reading = self._take(self.step_index, [value.item() for value in values.cpu()])
+            return {"loss": reading.loss, "grad_norm": reading.grad_norm, "lr": lr, "sums": reading.sums}
+        self._unread = (self.step_index, HostCopy(values))
+        if not self.lag_reads:
+            self.flush()
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
 
     def flush(self) -> None:
         """Read the values of the step that was left unread (waiting for that step only)."""
@@ -381,9 +388,9 @@ def train_locked(cfg: Config, env: DistEnv, preemption: PreemptionHandler, lock:
         done = step + 1
         logging = done % cfg.logging.log_every == 0 or done == cfg.train.max_steps
         checkpointing = bool(cfg.checkpoint.every) and done % cfg.checkpoint.every == 0
-        # Other steps are not read at once: their values (and the preemption votes summed in the step's
-        # all-reduce) reach the host one step later, so every rank still stops at the same step.
-        stats = trainer.step(micro_batches, read=logging or checkpointing, sums=preemption.votes())
+        # On CUDA other steps are not waited for: their values (and the preemption votes summed in the step's
+        # all-reduce) reach the host one step later, and every rank still stops at the same step.
+        stats = trainer.step(micro_batches, read=logging or checkpointing, sums=preemption.votes)
         stop = drain_readings(trainer, preemption, history)
         last_loss = history.get(done, history.get(done - 1, last_loss))  # the newest loss on the host
         elapsed, tick = time.perf_counter() - tick, time.perf_counter()

@@ -89,6 +89,28 @@ def test_a_finished_run_extends_exactly_and_a_stale_adapter_is_replaced(demo, tm
     assert adapter_files(tmp_path / "extended") == adapter_files(tmp_path / "straight")
 
 
+# -- a preemption signal ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("log_every", [1, 3], ids=["logged steps", "unlogged steps"])
+def test_a_signal_caught_during_a_steps_forward_stops_the_run_at_the_end_of_that_step(demo, tmp_path, monkeypatch,
+                                                                                    log_every):
+    import hidream_ft.trainer as trainer_module
+    forward = trainer_module.compute_loss
+    calls = itertools.count(1)
+
+    def signalled_in_step_two(model, batch, diffusion):
+        if next(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2, after its votes could have been taken
+        return forward(model, batch, diffusion)
+
+    monkeypatch.setattr(trainer_module, "compute_loss", signalled_in_step_two)
+    with pytest.raises(SystemExit) as stopped:
+        train(demo, tmp_path / "out", "train.max_steps=5", f"logging.log_every={log_every}")
+    assert stopped.value.code == 75
+    assert [path.name for path in complete_checkpoints(tmp_path / "out" / "checkpoints")] == ["step-00000002"]
+
+
 # -- checkpoints cannot run code -------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from test_launch_local import complete_steps
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 4
+STEPS = 8  # long enough that the signal sent at the start lands before the end
 RANK = 4  # the LoRA rank of every run here; the array sweeps it over [RANK, 8]
 POLL_S = 0.5  # each look at a job is a call to the controller, on the machine the jobs run on
 
@@ -55,12 +55,13 @@ def wait_for_state(job_id: str, *states: str, timeout: float = 240.0) -> str:
     return job_field(job_id, "JobState")
 
 
-def start_requeued_job_now(job_id: str):
-    """A requeued job waits ~120 s (Reason=BeginTime) before it may run again; tests do not."""
+def wait_for_requeue(job_id: str):
+    """A requeued job waits (Reason=BeginTime) until its previous run's credential has expired; SLURM starts it
+    again then, after 15 s here (.ci/start-slurm.sh sets cred_expire). Starting it sooner makes SLURM kill it
+    ("Job credential revoked")."""
     wait_for(lambda: job_field(job_id, "Reason") == "BeginTime", f"job {job_id} to be requeued", timeout=240,
              interval=POLL_S)
     assert job_field(job_id, "Restarts") == "1"
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
 
 def completion_records(job_id: str) -> list[str]:
@@ -129,11 +130,19 @@ def reference_losses(sweep_with_exports):
 
 
 def preempt_when_training(config: Path, signal_job):
-    """Signal once the trainer has installed its handler (config.toml is written after it): the run stops at its
-    first step boundary, so the interrupted run really resumes."""
+    """Signal once the trainer has installed its handler (config.toml is written after it), before its first
+    step, so that the run stops early (at the end of the step the signal reaches it in) and really resumes."""
     wait_for(lambda: (run_dir_of(config) / "config.toml").exists(), "the trainer to start", timeout=240,
              interval=POLL_S / 5)
     signal_job()
+
+
+def preempted_and_completed(run_dir: Path) -> int:
+    """The step the preempted run stopped at: it checkpointed there, before the end, and the requeued run
+    finished. Which step that is depends on when the signal arrived; tests/test_reliability.py pins the rule."""
+    stopped_at, last = complete_steps(run_dir)
+    assert 1 <= stopped_at < STEPS and last == STEPS
+    return stopped_at
 
 
 # Submissions SLURM would refuse: nothing is submitted, nothing is left behind.
@@ -170,11 +179,11 @@ def test_submitit_job_preempted_once_requeues_and_matches_an_uninterrupted_run(w
     (job,) = jobs
     # Like SLURM's time-limit warning: USR2 to the job's tasks (submitit's and the trainer's handlers).
     preempt_when_training(config, lambda: subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True))
-    start_requeued_job_now(job.job_id)
+    wait_for_requeue(job.job_id)
     assert wait_for_state(job.job_id, "COMPLETED", "FAILED", "CANCELLED") == "COMPLETED", job.stderr()
     run_dir = run_dir_of(config)
-    assert complete_steps(run_dir) == [1, STEPS]
-    assert "resumed at step 1" in job.stderr() + job.stdout()
+    stopped_at = preempted_and_completed(run_dir)
+    assert f"resumed at step {stopped_at}" in job.stderr() + job.stdout()
     assert losses(run_dir) == reference_losses
 
 
@@ -190,7 +199,7 @@ def test_sbatch_script_from_another_directory_preempted_once_requeues_quietly_an
     # The time-limit warning as --signal=B:USR2@120 delivers it: to the batch shell alone.
     preempt_when_training(config, lambda: subprocess.run(["scancel", "--batch", "--signal=USR2", job_id],
                                                          check=True))
-    start_requeued_job_now(job_id)
+    wait_for_requeue(job_id)
     state = wait_for_state(job_id, "COMPLETED", "FAILED", "CANCELLED")
     text = log.read_text(errors="replace")
     assert state == "COMPLETED", text
@@ -198,5 +207,6 @@ def test_sbatch_script_from_another_directory_preempted_once_requeues_quietly_an
     runs = completion_records(job_id)  # the preempted run ended with the requeue status, not as a failure
     assert not runs or ("DerivedExitCode=75:0" in runs[0] and "JobState=COMPLETED" in runs[-1]), runs
     run_dir = run_dir_of(config)
-    assert complete_steps(run_dir) == [1, STEPS]
+    stopped_at = preempted_and_completed(run_dir)
+    assert f"resumed at step {stopped_at}" in text
     assert losses(run_dir) == reference_losses

@@ -80,15 +80,31 @@ def test_a_skipped_step_leaves_params_moments_and_step_count_untouched(tiny_chec
     assert trainer.optimizer.state[trainer.params[0]]["step"].item() == 2.0
 
 
-def test_a_lagged_read_aborts_a_diverged_run_one_step_later(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("lag_reads", [True, False], ids=["lagged as on cuda", "at once as on cpu"])
+def test_a_diverged_run_aborts_when_its_step_values_are_read(tiny_checkpoint, tmp_path, lag_reads):
     trainer = make_trainer(tiny_checkpoint, tmp_path, "train.mode='full'", "train.max_consecutive_skips=1")
+    assert trainer.lag_reads is False  # a CPU trainer reads at once; the lagged path is forced here
+    trainer.lag_reads = lag_reads
     bad = fixed_batch(trainer)
     bad.x0[0, 0, 0] = float("nan")
     trainer.step([bad], read=False)
-    trainer.step([bad], read=False)  # reads step 1: one skip in a row is allowed
+    assert [reading.step for reading in trainer.readings] == ([] if lag_reads else [1])
+    if lag_reads:
+        trainer.step([bad], read=False)  # reads step 1: one skip in a row is allowed
     with pytest.raises(TrainingAborted, match="2 consecutive steps with a non-finite"):
-        trainer.step([bad], read=False)  # reads step 2
-    assert trainer.skipped_total == 3
+        trainer.step([bad], read=False)  # reads step 2 (lagged: while dispatching step 3)
+    assert trainer.skipped_total == (3 if lag_reads else 2)
+
+
+def test_the_votes_are_taken_just_before_the_all_reduce_and_summed_into_the_step_values(tiny_checkpoint, tmp_path):
+    """A signal caught during the forward/backward counts in that step (the preemption stop comes at once)."""
+    trainer = make_trainer(tiny_checkpoint, tmp_path)
+    batch = fixed_batch(trainer)
+    taken = []
+    trainer.model.register_forward_hook(lambda *_: taken.append("forward"))
+    trainer.step([batch], read=False, sums=lambda: taken.append("votes") or [1.0, 0.0])
+    assert taken == ["forward", "votes"]
+    assert [(reading.step, reading.sums) for reading in trainer.readings] == [(1, [1.0, 0.0])]
 
 
 def load_tiny(checkpoint, tokenizer, prepare):
