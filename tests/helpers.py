@@ -3,6 +3,7 @@ and running Python in child processes."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import signal
@@ -48,6 +49,19 @@ def write_config(tmp_path: Path, text: str = "") -> Path:
     config = tmp_path / "train.toml"
     config.write_text(f'[logging]\noutput_dir = "{tmp_path / "runs"}"\n{text}')
     return config
+
+
+def training_worker_arguments() -> argparse.ArgumentParser:
+    """The command line the torchrun workers in tests/workers/ that train share: CHECKPOINT RUN_DIR OUT STEPS
+    [--resume] [--set KEY=VALUE]...; a worker adds its own flags."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("steps", type=int)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--set", action="append", default=[])
+    return parser
 
 
 def tensorboard_scalars(output_dir: Path, tag: str) -> dict[int, float]:

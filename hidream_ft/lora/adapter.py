@@ -27,8 +27,20 @@ from hidream_ft.lora.errors import ConvertError
 from hidream_ft.lora.keys import KINDS, STYLES, module_regex
 
 
+class _Scaled:
+    """The one scale rule of every kind: the update is multiplied by alpha / rank (an rsLoRA alpha is stored
+    already converted to this rule, :func:`alpha_from_peft`)."""
+
+    alpha: float
+    rank: int
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclass
-class LoraModule:
+class LoraModule(_Scaled):
     """A LoRA, or with ``magnitude`` a DoRA."""
 
     down: torch.Tensor  # A (PEFT lora_A, kohya lora_down): [rank, in_features]
@@ -43,10 +55,6 @@ class LoraModule:
     @property
     def rank(self) -> int:
         return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -72,7 +80,7 @@ class LoraModule:
 
 
 @dataclass
-class LohaModule:
+class LohaModule(_Scaled):
     """LoHa: the Hadamard product of two low-rank products, PEFT's / LyCORIS' ``hada_*`` tensors."""
 
     w1_a: torch.Tensor  # [out, rank]
@@ -85,10 +93,6 @@ class LohaModule:
     @property
     def rank(self) -> int:
         return self.w1_b.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -108,7 +112,7 @@ LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr
 
 
 @dataclass
-class LokrModule:
+class LokrModule(_Scaled):
     """LoKr: the Kronecker product W1 ⊗ W2, each factor whole (``lokr_wN``) or a low-rank product
     (``lokr_wN_a`` · ``lokr_wN_b``), PEFT's / LyCORIS' tensors."""
 
@@ -118,10 +122,6 @@ class LokrModule:
     rank: int
     alpha: float
     kind = "lokr"
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     def factor(self, n: int) -> torch.Tensor:
         whole = self.factors.get(f"lokr_w{n}")

@@ -157,7 +157,7 @@ class _Plan:
     local_ptrs: tuple[int, ...]          # the shards' addresses when the views were taken
     flat_locals: list[torch.Tensor]
     flat_states: dict[str, list[torch.Tensor]]
-    pad_index: torch.Tensor | None       # flat element → padded block position; None when rows fill blocks
+    pad_index: torch.Tensor | None       # flat element → padded block position; None when rows fill blocks or on the kernel
     param_ids: torch.Tensor | None       # per element, for the rounding noise (CPU path, bf16 only)
     element_ids: torch.Tensor | None
     global_offsets: list[int]
@@ -312,7 +312,8 @@ class ShardedAdamW8bit(torch.optim.Optimizer):
         block_counts = [rows * -(-cols // BLOCK_SIZE) for rows, cols in shapes]
         device = locals_[0].device
         pad_index = None
-        if eight_bit and any(cols % BLOCK_SIZE for _, cols in shapes):
+        # Only the torch path pads rows to whole blocks by an index; the kernel masks the partial blocks itself.
+        if eight_bit and any(cols % BLOCK_SIZE for _, cols in shapes) and not self._on_kernel(device):
             starts = torch.tensor([0, *block_counts[:-1]]).cumsum(0).tolist()
             pad_index = torch.cat([
                 (start * BLOCK_SIZE + torch.arange(rows)[:, None] * (count // rows * BLOCK_SIZE)

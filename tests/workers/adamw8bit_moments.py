@@ -10,13 +10,11 @@ OUT.pt (written by rank 0): {"losses": {step: loss}, "resumed": moments right af
 scales gathered, then dequantised).
 """
 
-import argparse
-
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from helpers import make_trainer, noise_samples
+from helpers import make_trainer, noise_samples, training_worker_arguments
 from hidream_ft.data.collate import TextToImageCollator
 from hidream_ft.optim.adamw8bit import MOMENTS, dequantize_blockwise, quantization_map
 from hidream_ft.parallel.distributed import shutdown
@@ -41,14 +39,8 @@ def moments(trainer) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("checkpoint")
-    parser.add_argument("run_dir")
-    parser.add_argument("out")
-    parser.add_argument("steps", type=int)
-    parser.add_argument("--resume", action="store_true")
+    parser = training_worker_arguments()
     parser.add_argument("--save", action="store_true")
-    parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
     trainer = make_trainer(args.checkpoint, args.run_dir, *args.set)
     env = trainer.env

@@ -7,7 +7,6 @@ Every step's global batch is the same 4 samples whatever R is; rank r takes samp
 different numbers of ranks see identical data and noise (noise is seeded per sample).
 """
 
-import argparse
 import hashlib
 import json
 
@@ -15,20 +14,14 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from helpers import make_trainer, noise_samples
+from helpers import make_trainer, noise_samples, training_worker_arguments
 from hidream_ft.data.collate import TextToImageCollator
 from hidream_ft.parallel.distributed import shutdown
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("checkpoint")
-    parser.add_argument("run_dir")
-    parser.add_argument("out")
-    parser.add_argument("steps", type=int)
+    parser = training_worker_arguments()
     parser.add_argument("--save-at", type=int, default=0)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
     trainer = make_trainer(args.checkpoint, args.run_dir, *args.set)
     env = trainer.env

@@ -4,24 +4,19 @@ text-to-image batch and the other an edit batch (they swap every step); reports 
     torchrun --nproc_per_node 2 tests/workers/mixed_tasks.py CHECKPOINT RUN_DIR OUT.json STEPS
 """
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
-from helpers import edit_samples, make_trainer, t2i_samples
+from helpers import edit_samples, make_trainer, t2i_samples, training_worker_arguments
 from hidream_ft.data.collate import TrainCollator
 from hidream_ft.model.conditioning import ConditionProcessor
 from hidream_ft.parallel.distributed import shutdown
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("checkpoint")
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("steps", type=int)
+    parser = training_worker_arguments()
     args = parser.parse_args()
     report = {}
     for name, vit_options in [("frozen_vit", []), ("vit_lora", ["lora.include_visual=true"])]:
