@@ -323,10 +323,11 @@ def check_inputs(cfg: Config) -> None:
     for i, folder in enumerate(cfg.validation.loss_folders):
         for path in [folder.path, *folder.controls]:
             resolved_folder(path, f"validation.loss_folders[{i}]")
-    for url in expand_shards(cfg.data.shards):
-        local = local_shard_path(url)
-        if local is not None and not local.is_file():
-            raise ConfigError(f"data.shards: {url!r} is not a file")
+    for key, patterns in (("data.shards", cfg.data.shards), ("validation.loss_shards", cfg.validation.loss_shards)):
+        for url in expand_shards(patterns):
+            local = local_shard_path(url)
+            if local is not None and not local.is_file():
+                raise ConfigError(f"{key}: {url!r} is not a file")
 
 
 def finish_complete_run(trainer: Trainer, step: int) -> dict:
@@ -381,8 +382,7 @@ def train_locked(cfg: Config, env: DistEnv, preemption: PreemptionHandler, lock:
                               default_batch_size=cfg.train.batch_size, collate=collate)
     if data_state is not None:
         pipeline.load_state_dict(data_state)
-    heldout = (HeldoutBatches(cfg.data, cfg.validation.loss_folders, cfg.validation.loss_batch_size, collate)
-               if cfg.validation.loss_every else None)
+    heldout = HeldoutBatches(cfg.data, cfg.validation, collate) if cfg.validation.loss_every else None
     log = MetricsLogger(output_dir, env.is_main, cfg.logging, cfg.train.max_steps, start_step)
     if start_step:
         log.info(f"resumed at step {start_step}")

@@ -5,10 +5,11 @@ import torch
 from PIL import Image
 
 from helpers import WORKERS, run_python, tensorboard_scalars, tiny_overrides
-from hidream_ft.config import ConfigError, DataConfig, FolderSource, load_config
+from hidream_ft.config import ConfigError, DataConfig, FolderSource, ValidationConfig, load_config
 from hidream_ft.data.collate import TrainCollator
 from hidream_ft.data.demo import write_demo_dataset
 from hidream_ft.data.heldout import HeldoutBatches
+from hidream_ft.data.pack import pack
 from hidream_ft.inference.heldout import heldout_loss, heldout_noise, heldout_scalars
 from hidream_ft.model.conditioning import ConditionProcessor
 
@@ -32,9 +33,10 @@ def heldout_folders(tmp_path_factory):
     return root
 
 
-def folders(root) -> list[FolderSource]:
-    return [FolderSource(str(root / "square")), FolderSource(str(root / "wide")),
-            FolderSource(str(root / "edit"), control_dir=str(root / "source"))]
+def validation(root, batch_size: int = 2) -> ValidationConfig:
+    return ValidationConfig(loss_batch_size=batch_size, loss_folders=[
+        FolderSource(str(root / "square")), FolderSource(str(root / "wide")),
+        FolderSource(str(root / "edit"), control_dir=str(root / "source"))])
 
 
 def data_config() -> DataConfig:
@@ -42,7 +44,7 @@ def data_config() -> DataConfig:
 
 
 def test_batches_hold_one_shape_in_folder_order_whatever_the_training_data_draws(heldout_folders, collator):
-    batches = HeldoutBatches(data_config(), folders(heldout_folders), 2, collator)
+    batches = HeldoutBatches(data_config(), validation(heldout_folders), collator)
     keys = [batches[i].keys for i in range(len(batches))]
     assert keys == [["square/demo_000", "square/demo_001"], ["square/demo_002"],
                     ["wide/demo_000", "wide/demo_001"], ["edit/demo_000"]]
@@ -50,14 +52,14 @@ def test_batches_hold_one_shape_in_folder_order_whatever_the_training_data_draws
     # Training data settings that draw at random leave the held-out batches alone.
     noisy = DataConfig(buckets=[[64, 64], [96, 64]], max_text_tokens=48, num_workers=0, crop="random",
                        caption_dropout=1.0, shuffle_tags=True, max_tokens=512)
-    again = HeldoutBatches(noisy, folders(heldout_folders), 2, collator)
+    again = HeldoutBatches(noisy, validation(heldout_folders), collator)
     for i in range(len(batches)):
         assert torch.equal(again[i].target, batches[i].target)
         assert torch.equal(again[i].layout.input_ids, batches[i].layout.input_ids)
 
 
 def test_per_sigma_values_equal_a_hand_computation(heldout_folders, collator, tiny_model):
-    batches = HeldoutBatches(data_config(), folders(heldout_folders), 2, collator)
+    batches = HeldoutBatches(data_config(), validation(heldout_folders), collator)
     result = heldout_loss(tiny_model, batches, SIGMAS, seed=3, noise_scale=8.0)
     expected = {}
     with torch.no_grad():
@@ -85,8 +87,23 @@ def test_per_sigma_values_equal_a_hand_computation(heldout_folders, collator, ti
     assert not torch.equal(heldout_noise(3, "a", 0.2, shape), heldout_noise(3, "b", 0.2, shape))
 
 
+def test_shards_packed_from_the_folder_give_the_same_batches_and_loss(heldout_folders, collator, tiny_model,
+                                                                     tmp_path):
+    pack(heldout_folders / "square", tmp_path / "shards", shard_size=2, shuffle_seed=None)
+    from_folder = HeldoutBatches(data_config(), ValidationConfig(loss_folders=[str(heldout_folders / "square")],
+                                                                 loss_batch_size=2), collator)
+    from_shards = HeldoutBatches(data_config(), ValidationConfig(
+        loss_shards=[str(tmp_path / "shards" / "shard-{000000..000001}.tar")], loss_batch_size=2), collator)
+    assert [from_shards[i].keys for i in range(len(from_shards))] == [["demo_000", "demo_001"], ["demo_002"]]
+    for i in range(len(from_folder)):
+        assert from_shards[i].keys == from_folder[i].keys
+        assert torch.equal(from_shards[i].target, from_folder[i].target)
+        assert torch.equal(from_shards[i].layout.input_ids, from_folder[i].layout.input_ids)
+    assert heldout_loss(tiny_model, from_shards, SIGMAS) == heldout_loss(tiny_model, from_folder, SIGMAS)
+
+
 def test_eval_mode_is_restored_and_no_global_random_number_is_drawn(heldout_folders, collator, tiny_model):
-    batches = HeldoutBatches(data_config(), folders(heldout_folders), 2, collator)
+    batches = HeldoutBatches(data_config(), validation(heldout_folders), collator)
     tiny_model.train()
     state = torch.get_rng_state()
     heldout_loss(tiny_model, batches, SIGMAS)
@@ -150,7 +167,9 @@ def test_training_is_unchanged_by_the_held_out_loss_and_resumes_exactly(tiny_che
 
 
 @pytest.mark.parametrize("override, message", [
-    ("validation.loss_every=5", r"validation.loss_folders: a held-out loss every 5 steps needs at least one folder"),
+    ("validation.loss_every=5", r"validation.loss_folders: a held-out loss every 5 steps needs held-out images"),
+    ("validation.loss_folders=['a'];validation.loss_shards=['b.tar']", r"validation: set either loss_folders or "
+     "loss_shards, not both"),
     ("validation.loss_every=-1", r"validation.loss_every: must be ≥ 0"),
     ("validation.loss_sigmas=[0.5, 0.0]", r"validation.loss_sigmas: expected one or more σ in \(0, 1\], got \[0.5, 0.0\]"),
     ("validation.loss_sigmas=[1.5]", r"validation.loss_sigmas: expected one or more σ in \(0, 1\]"),
@@ -161,14 +180,16 @@ def test_training_is_unchanged_by_the_held_out_loss_and_resumes_exactly(tiny_che
 ])
 def test_bad_settings_are_one_line_config_errors(override, message):
     with pytest.raises(ConfigError, match=message) as error:
-        load_config(None, [override])
+        load_config(None, override.split(";"))
     assert "\n" not in str(error.value)
 
 
-def test_loss_folders_in_a_file_are_relative_to_it(tmp_path):
+def test_held_out_paths_in_a_file_are_relative_to_it(tmp_path):
     (tmp_path / "configs").mkdir()
-    config = tmp_path / "configs" / "train.toml"
-    config.write_text('[validation]\nloss_folders = ["../held", { path = "./more", mask_dir = "../masks" }]\n')
-    cfg = load_config(config)
-    assert [f.path for f in cfg.validation.loss_folders] == [str(tmp_path / "held"), str(tmp_path / "configs" / "more")]
-    assert cfg.validation.loss_folders[1].mask_dir == str(tmp_path / "masks")
+    folders, shards = tmp_path / "configs" / "folders.toml", tmp_path / "configs" / "shards.toml"
+    folders.write_text('[validation]\nloss_folders = ["../held", { path = "./more", mask_dir = "../masks" }]\n')
+    shards.write_text('[validation]\nloss_shards = ["../shards/a-{0..1}.tar"]\n')
+    held_out = load_config(folders).validation
+    assert [f.path for f in held_out.loss_folders] == [str(tmp_path / "held"), str(tmp_path / "configs" / "more")]
+    assert held_out.loss_folders[1].mask_dir == str(tmp_path / "masks")
+    assert load_config(shards).validation.loss_shards == [str(tmp_path / "shards" / "a-{0..1}.tar")]

@@ -330,6 +330,7 @@ class ValidationConfig(SamplingSettings):
     # Held-out loss (docs/quality.md): fixed batches from these folders at fixed σ and noise; 0 turns it off.
     loss_every: int = 0
     loss_folders: list[FolderSource | str] = field(default_factory=list)
+    loss_shards: list[str] = field(default_factory=list)
     loss_sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     loss_batch_size: int = 1
     loss_seed: int = 0
@@ -344,9 +345,11 @@ class ValidationConfig(SamplingSettings):
             raise ConfigError(f"{where}.prompts: validation every {self.every} steps needs at least one prompt")
         if self.loss_every < 0:
             raise ConfigError(f"{where}.loss_every: must be ≥ 0 (0 turns the held-out loss off), got {self.loss_every}")
-        if self.loss_every and not self.loss_folders:
-            raise ConfigError(f"{where}.loss_folders: a held-out loss every {self.loss_every} steps needs at least "
-                              "one folder")
+        if self.loss_every and not (self.loss_folders or self.loss_shards):
+            raise ConfigError(f"{where}.loss_folders: a held-out loss every {self.loss_every} steps needs held-out "
+                              "images: set loss_folders or loss_shards")
+        if self.loss_folders and self.loss_shards:
+            raise ConfigError(f"{where}: set either loss_folders or loss_shards, not both")
         for i, folder in enumerate(self.loss_folders):
             folder.validate(f"{where}.loss_folders[{i}]")
         if not self.loss_sigmas or not all(0 < sigma <= 1 for sigma in self.loss_sigmas):
@@ -400,8 +403,11 @@ def _relative_to_file(table: dict, folder: Path) -> None:
                          ("checkpoint", "resume")):
         if isinstance(table.get(section), dict) and key in table[section]:
             table[section][key] = rebase(table[section][key])
-    if isinstance(table.get("validation"), dict):
-        _rebase_folders(table["validation"], "loss_folders", rebase)
+    validation = table.get("validation")
+    if isinstance(validation, dict):
+        _rebase_folders(validation, "loss_folders", rebase)
+        if isinstance(validation.get("loss_shards"), list):
+            validation["loss_shards"] = [rebase(pattern) for pattern in validation["loss_shards"]]
     data = table.get("data")
     if not isinstance(data, dict):
         return

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-from hidream_ft.config import DataConfig, FolderSource
+from hidream_ft.config import DataConfig, FolderSource, ValidationConfig
 from hidream_ft.data.collate import TrainCollator
 from hidream_ft.data.heldout import HeldoutBatches
 from hidream_ft.inference.heldout import heldout_loss
@@ -39,7 +39,8 @@ def main() -> None:
     folders = [FolderSource(str(args.folders / "square")), FolderSource(str(args.folders / "wide")),
                FolderSource(str(args.folders / "edit"), control_dir=str(args.folders / "source"))]
     # Batches of two: 4 batches of 2, 1, 2 and 1 samples (6 in all).
-    batches = HeldoutBatches(DataConfig(buckets=[[64, 64], [96, 64]], max_text_tokens=48), folders, 2, collate)
+    batches = HeldoutBatches(DataConfig(buckets=[[64, 64], [96, 64]], max_text_tokens=48),
+                             ValidationConfig(loss_folders=folders, loss_batch_size=2), collate)
     model = load_model(args.checkpoint, dtype=torch.float32, tokenizer=tokenizer)
     if distributed:
         for layer in model.model.language_model.layers:
