@@ -87,6 +87,27 @@ def test_per_sigma_values_equal_a_hand_computation(heldout_folders, collator, ti
     assert not torch.equal(heldout_noise(3, "a", 0.2, shape), heldout_noise(3, "b", 0.2, shape))
 
 
+def test_a_loss_mask_weighs_the_held_out_tokens(heldout_folders, collator, tiny_model, tmp_path):
+    """Masks white on the left half of each 64×64 image: only the two left patches of the 2×2 grid count."""
+    (tmp_path / "masks").mkdir()
+    for index in range(3):
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (0, 0, 32, 64))
+        mask.save(tmp_path / "masks" / f"demo_{index:03d}.png")
+    masked = ValidationConfig(loss_folders=[FolderSource(str(heldout_folders / "square"),
+                                                         mask_dir=str(tmp_path / "masks"))], loss_batch_size=3)
+    batches = HeldoutBatches(data_config(), masked, collator)
+    result = heldout_loss(tiny_model, batches, [0.5])
+    batch = batches[0]
+    noise = torch.stack([heldout_noise(0, key, 0.5, (4, 3072)) for key in batch.keys])
+    with torch.no_grad():
+        x_pred = tiny_model(**batch.model_inputs(0.5 * batch.x0 + 4.0 * noise), timestep=torch.full((3,), 0.5),
+                            output_tokens=4)
+    err = ((x_pred - batch.x0) ** 2).mean(dim=-1)
+    assert result.total == pytest.approx(err[:, [0, 2]].mean().item(), rel=1e-5)
+    assert result.total != pytest.approx(err.mean().item(), rel=1e-3)
+
+
 def test_shards_packed_from_the_folder_give_the_same_batches_and_loss(heldout_folders, collator, tiny_model,
                                                                      tmp_path):
     pack(heldout_folders / "square", tmp_path / "shards", shard_size=2, shuffle_seed=None)

@@ -87,6 +87,8 @@ class HeldoutBatches:
     """
 
     def __init__(self, data: DataConfig, validation: ValidationConfig, collate: Collate):
+        if not (validation.loss_folders or validation.loss_shards):
+            raise ConfigError("validation: no held-out images; set validation.loss_folders or validation.loss_shards")
         self.cfg = heldout_data_config(data, validation)
         self.collate = collate
         counts: Counter = Counter()
