@@ -192,7 +192,8 @@ def test_training_is_unchanged_by_the_held_out_loss_and_resumes_exactly(tiny_che
     ("validation.loss_folders=['a'];validation.loss_shards=['b.tar']", r"validation: set either loss_folders or "
      "loss_shards, not both"),
     ("validation.loss_every=-1", r"validation.loss_every: must be ≥ 0"),
-    ("validation.loss_sigmas=[0.5, 0.0]", r"validation.loss_sigmas: expected one or more σ in \(0, 1\], got \[0.5, 0.0\]"),
+    ("validation.loss_sigmas=[0.5, 0.0]",
+     r"validation.loss_sigmas: expected one or more σ in \(0, 1\], got \[0.5, 0.0\]"),
     ("validation.loss_sigmas=[1.5]", r"validation.loss_sigmas: expected one or more σ in \(0, 1\]"),
     ("validation.loss_sigmas=[]", r"validation.loss_sigmas: expected one or more σ"),
     ("validation.loss_sigmas=[0.5, 0.5]", r"validation.loss_sigmas: a σ is listed twice"),

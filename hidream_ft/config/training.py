@@ -344,7 +344,8 @@ class ValidationConfig(SamplingSettings):
         if self.every and not self.prompts:
             raise ConfigError(f"{where}.prompts: validation every {self.every} steps needs at least one prompt")
         if self.loss_every < 0:
-            raise ConfigError(f"{where}.loss_every: must be ≥ 0 (0 turns the held-out loss off), got {self.loss_every}")
+            raise ConfigError(f"{where}.loss_every: must be ≥ 0 (0 turns the held-out loss off), "
+                              f"got {self.loss_every}")
         if self.loss_every and not (self.loss_folders or self.loss_shards):
             raise ConfigError(f"{where}.loss_folders: a held-out loss every {self.loss_every} steps needs held-out "
                               "images: set loss_folders or loss_shards")

@@ -1,7 +1,8 @@
 """A held-out data set in a fixed order: image folders (as ``data.folders``, edit / IP controls and loss masks
 included) or WebDataset shards, every image read once, centre-cropped at the training run's final resolution,
-captions without dropout or tag shuffling, cut into micro-batches of one shape. The same images always give the same batches, whatever
-the rank, the world size or the step; ``hidream_ft.inference.heldout`` computes the loss on them."""
+captions without dropout or tag shuffling, cut into micro-batches of one shape. The same images always give the
+same batches, whatever the rank, the world size or the step; ``hidream_ft.inference.heldout`` computes the loss
+on them."""
 
 from __future__ import annotations
 
