@@ -100,10 +100,18 @@ def _split_warning(url: str, what: str) -> str:
             "SHARD.tar -C FOLDER .` or `python -m hidream_ft.data.pack`")
 
 
+class LeftOut(Exception):
+    """A shard sample that a policy or its own data leaves out: the counter ``reason`` and a message."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
 @dataclass
-class _Queued:
-    round: int
-    offset: int
+class ShardEntry:
+    """A shard sample read but not decoded: what bucketing and decoding need."""
+
     key: str
     name: str  # for messages: shard URL and key
     image: bytes  # encoded; decoded when its micro-batch leaves
@@ -112,8 +120,37 @@ class _Queued:
     width: int
     height: int
     controls: Controls | None = None  # edit / IP: the ref0, ref1, … members
+    round: int = 0  # the stream's position of the sample: shard draw and offset in it
+    offset: int = 0
     bucket: int = -1
     group: tuple = ()  # (bucket, reference sizes): the samples of one micro-batch share it
+
+
+def shard_entry(raw: dict, cfg: DataConfig, counts: Counter, round_index: int = 0, offset: int = 0) -> ShardEntry:
+    """The :class:`ShardEntry` of a WebDataset sample (its members by suffix), or :class:`LeftOut`: no image,
+    an undecodable image header, no caption under ``missing_caption = 'skip'``, or bad reference members."""
+    name = f"{raw.get('__url__')}:{raw.get('__key__')}"
+    image_ext = _image_suffix(raw)
+    if image_ext is None:
+        raise LeftOut("no_image_skipped", f"{name}: no .{'/.'.join(IMAGE_EXTENSIONS)} member")
+    meta = _sample_metadata(raw.get("json"), counts, name)
+    try:  # from the header, not the .json: img2dataset's sizes are before EXIF rotation
+        width, height = probe_size(raw[image_ext], name)
+    except BadImage as e:
+        raise LeftOut("corrupt_image", str(e)) from None
+    caption = shard_caption(raw, meta, cfg.shard_captions, counts, name)
+    if not caption:
+        if cfg.missing_caption == "skip":
+            raise LeftOut("caption_missing_skipped", f"{name}: no caption (missing_caption = 'skip')")
+        record(counts, "caption_missing_empty", f"{name}: no caption, training it with the empty prompt")
+    weight = meta.get("weight", 1.0)
+    weight = float(weight) if isinstance(weight, (int, float)) and weight >= 0 else 1.0
+    try:
+        controls = shard_controls(raw, meta, name)
+    except BadControls as e:
+        raise LeftOut(e.reason, str(e)) from None
+    return ShardEntry(raw["__key__"], name, raw[image_ext], caption, weight, width, height, controls, round_index,
+                      offset)
 
 
 @dataclass
@@ -135,7 +172,7 @@ class StreamReader:
         self.stream = self.cursor["stream"]
         self.next_output = self.cursor["next_output"]
         self.stage = self._stage_of_next_output()
-        self.queued: list[_Queued] = []  # in draw order
+        self.queued: list[ShardEntry] = []  # in draw order
         self.round, self.drawn = self.cursor["round"], self.cursor["offset"]
         self.round_keys: set[str] = set()  # keys read in the current shard, to notice split samples
         self.left_out: Counter = Counter()  # reasons of the samples left out since the last one used
@@ -217,36 +254,15 @@ class StreamReader:
             )
 
     def _enqueue(self, raw: dict, round_index: int, offset: int, counts: Counter) -> None:
-        name = f"{raw.get('__url__')}:{raw.get('__key__')}"
-        image_ext = _image_suffix(raw)
-        if image_ext is None:
-            self._leave_out(counts, "no_image_skipped", f"{name}: no .{'/.'.join(IMAGE_EXTENSIONS)} member")
-            return
-        meta = _sample_metadata(raw.get("json"), counts, name)
-        try:  # from the header, not the .json: img2dataset's sizes are before EXIF rotation
-            width, height = probe_size(raw[image_ext], name)
-        except BadImage as e:
-            self._leave_out(counts, "corrupt_image", str(e))
-            return
-        caption = shard_caption(raw, meta, self.cfg.shard_captions, counts, name)
-        if not caption:
-            if self.cfg.missing_caption == "skip":
-                self._leave_out(counts, "caption_missing_skipped", f"{name}: no caption (missing_caption = 'skip')")
-                return
-            record(counts, "caption_missing_empty", f"{name}: no caption, training it with the empty prompt")
-        weight = meta.get("weight", 1.0)
-        weight = float(weight) if isinstance(weight, (int, float)) and weight >= 0 else 1.0
         try:
-            controls = shard_controls(raw, meta, name)
-        except BadControls as e:
-            self._leave_out(counts, e.reason, str(e))
+            entry = shard_entry(raw, self.cfg, counts, round_index, offset)
+        except LeftOut as e:
+            self._leave_out(counts, e.reason, e.detail)
             return
-        entry = _Queued(round_index, offset, raw["__key__"], name, raw[image_ext], caption, weight, width, height,
-                        controls)
         if self._assign(entry, counts):
             self.queued.append(entry)
 
-    def _assign(self, entry: _Queued, counts: Counter) -> bool:
+    def _assign(self, entry: ShardEntry, counts: Counter) -> bool:
         """Bucket ``entry`` under the current stage; False when the stage skips it as too small."""
         index, upscale = assign_buckets([entry.width], [entry.height], list(self.stage.buckets))
         if upscale[0] and self.cfg.small_images == "skip":
@@ -286,7 +302,7 @@ class StreamReader:
             if samples:
                 yield self._emit(samples)
 
-    def _decode(self, members: list[_Queued]) -> list[Sample | None]:
+    def _decode(self, members: list[ShardEntry]) -> list[Sample | None]:
         bucket = self.stage.buckets[members[0].bucket]
         samples = [
             with_references(make_sample(e.image, e.name, e.key, e.caption, e.weight, bucket, self.cfg,
@@ -301,7 +317,7 @@ class StreamReader:
                 self.left_out.clear()
         return samples
 
-    def _remove(self, members: list[_Queued]) -> None:
+    def _remove(self, members: list[ShardEntry]) -> None:
         gone = {id(e) for e in members}
         self.queued = [e for e in self.queued if id(e) not in gone]
 
