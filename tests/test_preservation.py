@@ -1,18 +1,20 @@
 """Preserving the base model: regularization images mixed in at a ratio with their own loss weight, and LoRA
 prior preservation against the model with its adapter disabled."""
 
+import json
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import drain_pipeline
+from helpers import CAPTIONS, WORKERS, drain_pipeline, make_trainer, noise_samples, run_python, set_flags
 from hidream_ft.config import ConfigError, DataConfig, RegularizationConfig, load_config
 from hidream_ft.data.collate import TrainCollator
 from hidream_ft.data.demo import write_demo_dataset
 from hidream_ft.data.planner import EpochPlanner, Mixing, PackedSamples, mixed_count
 from hidream_ft.model.conditioning import ConditionProcessor
+from hidream_ft.preservation import preservation_loss, preservation_prompts
 from hidream_ft.trainer import compute_loss
 
 
@@ -86,3 +88,80 @@ def test_regularization_samples_weigh_their_loss(tmp_path, packed, tiny_model, c
         alone = torch.stack([compute_loss(tiny_model, collator([s]), diffusion) for s in pair])
         mixed = compute_loss(tiny_model, collator(PackedSamples(pair, 1024) if packed else pair), diffusion)
     torch.testing.assert_close(mixed, (alone[0] + 0.25 * alone[1]) / 1.25, rtol=0, atol=1e-6)
+
+
+PROMPTS = ["a photo of a dog", "a city street at night", "a bowl of fruit on a table"]
+
+
+def preserving_trainer(tiny_checkpoint, tmp_path, *overrides):
+    trainer = make_trainer(tiny_checkpoint, tmp_path, f"preservation.prompts={PROMPTS}", *overrides)
+    collate = TrainCollator(trainer.tokenizer, trainer.tokens, 128, ConditionProcessor.from_pretrained(tiny_checkpoint),
+                            preservation_prompts(trainer.cfg.preservation))
+    return trainer, collate
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_preservation_batches_hold_the_prompts_in_the_captions_place(tiny_checkpoint, tmp_path, packed):
+    trainer, collate = preserving_trainer(tiny_checkpoint, tmp_path)
+    samples = noise_samples(CAPTIONS[:2])
+    batch = collate(PackedSamples(samples, 512) if packed else samples)
+    plain = TrainCollator(trainer.tokenizer, trainer.tokens, 128,
+                          ConditionProcessor.from_pretrained(tiny_checkpoint))(PackedSamples(samples, 512) if packed else samples)
+    assert plain.preservation_layout is None and torch.equal(plain.layout.input_ids, batch.layout.input_ids)
+    text = trainer.tokenizer.batch_decode(batch.preservation_layout.input_ids)
+    for sample in samples:
+        assert PROMPTS[sample.noise_seed % 3] in "".join(text)
+        assert sample.caption not in "".join(text)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr"])
+def test_preservation_is_zero_for_a_fresh_adapter_and_grows_with_training(tiny_checkpoint, tmp_path, kind):
+    trainer, collate = preserving_trainer(tiny_checkpoint, tmp_path, f"lora.kind='{kind}'")
+    batch = collate(noise_samples(CAPTIONS[:2]))
+    diffusion = trainer.cfg.diffusion
+    with torch.no_grad():
+        fresh = preservation_loss(trainer.model, batch, diffusion)
+    assert float(fresh) == 0.0
+    off = make_trainer(tiny_checkpoint, tmp_path / "off", f"lora.kind='{kind}'")
+    # A fresh adapter adds exactly nothing: the first step's loss is the plain diffusion loss.
+    assert trainer.step([batch])["loss"] == off.step([batch])["loss"]
+    for _ in range(3):
+        trainer.step([batch])
+    trainer.model.zero_grad(set_to_none=True)
+    trained = preservation_loss(trainer.model, batch, diffusion)
+    assert float(trained.detach()) > 0
+    trained.backward()
+    with_grad = {name for name, p in trainer.model.named_parameters() if p.grad is not None}
+    adapter = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert with_grad == adapter and any(float(p.grad.abs().sum()) > 0 for p in trainer.params)
+
+
+def test_preservation_needs_lora_and_readable_prompts(tmp_path):
+    with pytest.raises(ConfigError, match=r"preservation: .* needs train\.mode = 'lora', got 'full'"):
+        load_config(None, ["train.mode='full'", "preservation.prompts=['a dog']"])
+    with pytest.raises(ConfigError, match=r"preservation\.weight: must be > 0, got 0"):
+        load_config(None, ["preservation.prompts=['a dog']", "preservation.weight=0"])
+    cfg = load_config(None, [f"preservation.prompts_file='{tmp_path / 'nowhere.txt'}'"])
+    with pytest.raises(ConfigError, match=r"preservation\.prompts_file: .*nowhere\.txt' is not a file"):
+        preservation_prompts(cfg.preservation)
+    (tmp_path / "prompts.txt").write_text("a cat\n\n  a boat  \n")
+    cfg = load_config(None, ["preservation.prompts=['a dog']", f"preservation.prompts_file='{tmp_path / 'prompts.txt'}'"])
+    assert preservation_prompts(cfg.preservation) == ["a dog", "a cat", "a boat"]
+
+
+def run_worker(tiny_checkpoint, tmp_path, name, run_dir, *flags):
+    out = tmp_path / f"{name}.json"
+    options = set_flags("train.max_steps=4", f"preservation.prompts={PROMPTS}", "preservation.weight=2.0",
+                        "parallel.activation_checkpointing='full'", "parallel.ac_every=1")
+    run_python(WORKERS / "fixed_batches.py", tiny_checkpoint, run_dir, out, 4, *flags, *options, nproc=2)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.distributed
+def test_two_ranks_with_preservation_and_checkpointing_train_and_resume_bit_exactly(tiny_checkpoint, tmp_path):
+    straight = run_worker(tiny_checkpoint, tmp_path, "straight", tmp_path / "straight")
+    assert straight["frozen_shards"] > 0
+    run_worker(tiny_checkpoint, tmp_path, "first", tmp_path / "run", "--save-at", 2)
+    resumed = run_worker(tiny_checkpoint, tmp_path, "second", tmp_path / "run", "--resume")
+    assert resumed["losses"] == {k: v for k, v in straight["losses"].items() if int(k) > 2}
+    assert resumed["digest"] == straight["digest"]
