@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from torch._dynamo.utils import counters
+
 from helpers import CAPTIONS, WORKERS, drain_pipeline, make_trainer, noise_samples, run_python, set_flags
 from hidream_ft.config import ConfigError, DataConfig, RegularizationConfig, load_config
 from hidream_ft.data.collate import TrainCollator
 from hidream_ft.data.demo import write_demo_dataset
 from hidream_ft.data.planner import EpochPlanner, Mixing, PackedSamples, mixed_count
+from hidream_ft.data.samples import Sample
 from hidream_ft.model.conditioning import ConditionProcessor
+from hidream_ft.parallel import fsdp
 from hidream_ft.preservation import preservation_loss, preservation_prompts
+from test_compile import GraphCalls, caption, fresh_dynamo  # noqa: F401 (a fixture)
 from hidream_ft.trainer import compute_loss
 
 
@@ -165,3 +170,26 @@ def test_two_ranks_with_preservation_and_checkpointing_train_and_resume_bit_exac
     resumed = run_worker(tiny_checkpoint, tmp_path, "second", tmp_path / "run", "--resume")
     assert resumed["losses"] == {k: v for k, v in straight["losses"].items() if int(k) > 2}
     assert resumed["digest"] == straight["digest"]
+
+
+def test_compiled_layers_keep_a_bounded_set_of_graphs_while_the_adapter_toggles(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                               fresh_dynamo):
+    """The adapter-off forward runs under no_grad with PEFT's disable flag set: dynamo guards on both, so each
+    compiled layer holds one more graph for it; after the warm-up new caption lengths compile nothing."""
+    calls = GraphCalls()
+    compile_layers = fsdp.apply_compile
+    monkeypatch.setattr(fsdp, "apply_compile", lambda layers: compile_layers(layers[1:], backend=calls.backend))
+    trainer, collate = preserving_trainer(tiny_checkpoint, tmp_path, "parallel.compile=true")
+
+    def step(words):
+        samples = [Sample(torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(words)) * 2 - 1,
+                          caption(words - 3 * i, i), f"s{i}", noise_seed=i) for i in range(2)]
+        trainer.step([collate(samples)])
+
+    for words in range(5, 9):
+        step(words)
+    warm = dict(calls.compiled)
+    for words in range(9, 21):
+        step(words)
+    print(f"graphs after the warm-up: {warm}")
+    assert calls.compiled == warm and dict(counters["graph_break"]) == {}
