@@ -310,9 +310,11 @@ def check_inputs(cfg: Config) -> None:
     preservation_prompts(cfg.preservation)
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise ConfigError(f"model.weights: {cfg.model.weights!r} is not a file")
-    for i, folder in enumerate(cfg.data.folders):
-        for path in [folder.path, *folder.controls]:
-            resolved_folder(path, f"data.folders[{i}]")
+    for where, folders in (("data.folders", cfg.data.folders),
+                           ("data.regularization.folders", cfg.data.regularization.folders)):
+        for i, folder in enumerate(folders):
+            for path in [folder.path, *folder.controls]:
+                resolved_folder(path, f"{where}[{i}]")
     for url in expand_shards(cfg.data.shards):
         local = local_shard_path(url)
         if local is not None and not local.is_file():

@@ -10,7 +10,9 @@ import torch
 
 from torch._dynamo.utils import counters
 
-from helpers import CAPTIONS, WORKERS, drain_pipeline, make_trainer, noise_samples, run_python, set_flags
+from helpers import (
+    CAPTIONS, WORKERS, drain_pipeline, make_trainer, noise_samples, run_python, set_flags, tiny_overrides,
+)
 from hidream_ft.config import ConfigError, DataConfig, RegularizationConfig, load_config
 from hidream_ft.data.collate import TrainCollator
 from hidream_ft.data.demo import write_demo_dataset
@@ -18,9 +20,10 @@ from hidream_ft.data.planner import EpochPlanner, Mixing, PackedSamples, mixed_c
 from hidream_ft.data.samples import Sample
 from hidream_ft.model.conditioning import ConditionProcessor
 from hidream_ft.parallel import fsdp
+from hidream_ft.parallel.distributed import shutdown
 from hidream_ft.preservation import preservation_loss, preservation_prompts
 from test_compile import GraphCalls, caption, fresh_dynamo  # noqa: F401 (a fixture)
-from hidream_ft.trainer import compute_loss
+from hidream_ft.trainer import compute_loss, run
 
 
 def mixed_config(tmp_path, ratio=0.25, weight=0.5, **data) -> DataConfig:
@@ -100,7 +103,8 @@ PROMPTS = ["a photo of a dog", "a city street at night", "a bowl of fruit on a t
 
 def preserving_trainer(tiny_checkpoint, tmp_path, *overrides):
     trainer = make_trainer(tiny_checkpoint, tmp_path, f"preservation.prompts={PROMPTS}", *overrides)
-    collate = TrainCollator(trainer.tokenizer, trainer.tokens, 128, ConditionProcessor.from_pretrained(tiny_checkpoint),
+    collate = TrainCollator(trainer.tokenizer, trainer.tokens, 128,
+                            ConditionProcessor.from_pretrained(tiny_checkpoint),
                             preservation_prompts(trainer.cfg.preservation))
     return trainer, collate
 
@@ -109,9 +113,10 @@ def preserving_trainer(tiny_checkpoint, tmp_path, *overrides):
 def test_preservation_batches_hold_the_prompts_in_the_captions_place(tiny_checkpoint, tmp_path, packed):
     trainer, collate = preserving_trainer(tiny_checkpoint, tmp_path)
     samples = noise_samples(CAPTIONS[:2])
-    batch = collate(PackedSamples(samples, 512) if packed else samples)
+    samples = PackedSamples(samples, 512) if packed else samples
+    batch = collate(samples)
     plain = TrainCollator(trainer.tokenizer, trainer.tokens, 128,
-                          ConditionProcessor.from_pretrained(tiny_checkpoint))(PackedSamples(samples, 512) if packed else samples)
+                          ConditionProcessor.from_pretrained(tiny_checkpoint))(samples)
     assert plain.preservation_layout is None and torch.equal(plain.layout.input_ids, batch.layout.input_ids)
     text = trainer.tokenizer.batch_decode(batch.preservation_layout.input_ids)
     for sample in samples:
@@ -150,7 +155,8 @@ def test_preservation_needs_lora_and_readable_prompts(tmp_path):
     with pytest.raises(ConfigError, match=r"preservation\.prompts_file: .*nowhere\.txt' is not a file"):
         preservation_prompts(cfg.preservation)
     (tmp_path / "prompts.txt").write_text("a cat\n\n  a boat  \n")
-    cfg = load_config(None, ["preservation.prompts=['a dog']", f"preservation.prompts_file='{tmp_path / 'prompts.txt'}'"])
+    cfg = load_config(None, ["preservation.prompts=['a dog']",
+                             f"preservation.prompts_file='{tmp_path / 'prompts.txt'}'"])
     assert preservation_prompts(cfg.preservation) == ["a dog", "a cat", "a boat"]
 
 
@@ -193,3 +199,27 @@ def test_compiled_layers_keep_a_bounded_set_of_graphs_while_the_adapter_toggles(
         step(words)
     print(f"graphs after the warm-up: {warm}")
     assert calls.compiled == warm and dict(counters["graph_break"]) == {}
+
+
+def test_a_run_with_both_options_trains_and_resumes_exactly(tiny_checkpoint, tmp_path):
+    data = mixed_config(tmp_path)
+
+    def train(output, steps):
+        cfg = load_config(None, [
+            *tiny_overrides(tiny_checkpoint, tmp_path / output), "logging.tensorboard=false", "logging.log_every=1",
+            f"train.max_steps={steps}", "checkpoint.every=2", "model.attention='dense'", "data.num_workers=0",
+            "data.buckets=[[64, 64]]", "data.max_text_tokens=48", "data.max_tokens=200",
+            f"data.folders=['{data.folders[0].path}']",
+            f"data.regularization.folders=['{data.regularization.folders[0].path}']",
+            "data.regularization.ratio=0.25", "data.regularization.weight=0.5", f"preservation.prompts={PROMPTS}",
+        ])
+        try:
+            return run(cfg)
+        finally:
+            shutdown()
+
+    full = train("full", 4)
+    assert full["step"] == 4 and full["skipped"] == 0 and sorted(full["history"]) == [1, 2, 3, 4]
+    train("resumed", 2)
+    resumed = train("resumed", 4)
+    assert resumed["history"] == {step: full["history"][step] for step in (3, 4)}

@@ -5,15 +5,16 @@ from hidream_ft.config.sampling import RECIPES, SamplingSettings
 from hidream_ft.config.toml import ConfigError, build_table, parse_literal, read_toml, toml_literal, write_toml
 from hidream_ft.config.training import (
     AttentionKind, CheckpointConfig, Config, DataConfig, DataStage, DiffusionConfig, FolderSource, FullConfig,
-    LoggingConfig, LoraConfig, ModelConfig, ModelDtype, OptimConfig, ParallelConfig, PreservationConfig,
-    RegularizationConfig, TrainConfig, ValidationConfig,
+    LoggingConfig, LoraConfig, ModelConfig, ModelDtype, OptimConfig, ParallelConfig, TrainConfig, ValidationConfig,
     check_buckets, load_config, to_dict, to_toml,
+    PreservationConfig, RegularizationConfig,
 )
 
 __all__ = [
     "AttentionKind", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DataStage", "DiffusionConfig",
     "FolderSource", "FullConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "ModelDtype", "OptimConfig",
-    "ParallelConfig", "PreservationConfig", "RECIPES", "RegularizationConfig", "SamplingSettings", "SlurmConfig", "TrainConfig", "ValidationConfig", "build_table",
+    "ParallelConfig", "RECIPES", "SamplingSettings", "SlurmConfig", "TrainConfig", "ValidationConfig", "build_table",
     "check_buckets", "load_config", "parse_literal", "read_toml", "to_dict", "to_toml", "toml_literal",
     "write_toml",
+    "PreservationConfig", "RegularizationConfig",
 ]

@@ -185,6 +185,16 @@ class FolderBatches(IterableDataset):
         return None
 
 
+def _regularization_items(cfg: DataConfig, counts: Counter) -> list[FolderItem]:
+    """The items of ``data.regularization.folders``, their keys prefixed and their loss weights multiplied."""
+    regularization = cfg.regularization
+    if not regularization.folders:
+        return []
+    items = scan_folders(regularization.folders, cfg.missing_caption, counts, "data.regularization.folders")
+    return [dataclasses.replace(item, key=f"regularization/{item.key}", weight=item.weight * regularization.weight)
+            for item in attach_controls(items, regularization.folders, cfg.missing_control, counts)]
+
+
 class IndexedFolders(Source):
     """Image folders, indexed at start; every rank plans the same epochs and takes its slice of each step.
     The position (epoch, next entry, entries still queued) is the same on every rank. Regularization folders
@@ -196,16 +206,9 @@ class IndexedFolders(Source):
     def __init__(self, cfg: DataConfig, stages: list[Stage], seed: int, rank: int, world_size: int,
                  scan_counts: Counter):
         self.cfg, self.stages, self.seed, self.rank, self.world_size = cfg, stages, seed, rank, world_size
-        regularization = cfg.regularization
         trained = attach_controls(scan_folders(cfg.folders, cfg.missing_caption, scan_counts), cfg.folders,
                                   cfg.missing_control, scan_counts)
-        mixed = []
-        if regularization.folders:
-            mixed = [dataclasses.replace(item, key=f"regularization/{item.key}", weight=item.weight * regularization.weight)
-                     for item in attach_controls(scan_folders(regularization.folders, cfg.missing_caption, scan_counts,
-                                                              "data.regularization.folders"),
-                                                 regularization.folders, cfg.missing_control, scan_counts)]
-        self.items = trained + mixed
+        self.items = trained + _regularization_items(cfg, scan_counts)
         is_mixed = np.arange(len(self.items)) >= len(trained)
         all_repeats = np.array([item.repeats for item in self.items])
         self.repeats = np.where(is_mixed, 0, all_repeats)
@@ -213,7 +216,7 @@ class IndexedFolders(Source):
         self.fingerprint = fingerprint(self.items)
         if is_mixed.any():
             self.mixing = Mixing(np.repeat(np.flatnonzero(is_mixed), all_repeats[is_mixed]),
-                                 mixed_count(int(self.repeats.sum()), regularization.ratio))
+                                 mixed_count(int(self.repeats.sum()), cfg.regularization.ratio))
             self.fingerprint += f"+{self.mixing.per_epoch}"  # a position counts entries of a mix of this size
         widths = [item.width for item in self.items]
         heights = [item.height for item in self.items]
@@ -255,8 +258,8 @@ class IndexedFolders(Source):
               collate: Collate) -> tuple[IterableDataset, dict]:
         position = self._continued_position(saved, start_step)
         shapes = group_by_shape(self.stages, self.assignments, self.items)
-        dataset = FolderBatches(self.items, self.repeats, self.mixing, shapes, self.costs, self.cfg, self.seed, self.rank, self.world_size,
-                                grad_accum, start_step, position, collate)
+        dataset = FolderBatches(self.items, self.repeats, self.mixing, shapes, self.costs, self.cfg, self.seed,
+                                self.rank, self.world_size, grad_accum, start_step, position, collate)
         return dataset, position
 
     def _continued_position(self, saved: dict, start_step: int) -> dict:
