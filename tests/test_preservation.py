@@ -23,7 +23,7 @@ from hidream_ft.parallel import fsdp
 from hidream_ft.parallel.distributed import shutdown
 from hidream_ft.preservation import preservation_loss, preservation_prompts
 from test_compile import GraphCalls, caption, fresh_dynamo  # noqa: F401 (a fixture)
-from hidream_ft.trainer import compute_loss, run
+from hidream_ft.trainer import check_inputs, compute_loss, run
 
 
 def mixed_config(tmp_path, ratio=0.25, weight=0.5, **data) -> DataConfig:
@@ -223,3 +223,10 @@ def test_a_run_with_both_options_trains_and_resumes_exactly(tiny_checkpoint, tmp
     train("resumed", 2)
     resumed = train("resumed", 4)
     assert resumed["history"] == {step: full["history"][step] for step in (3, 4)}
+
+
+def test_a_missing_regularization_folder_stops_the_run_before_the_model_loads(tiny_checkpoint, tmp_path):
+    cfg = load_config(None, [f"model.path='{tiny_checkpoint}'", f"data.folders=['{tmp_path}']",
+                             f"data.regularization.folders=['{tmp_path / 'nowhere'}']", "data.regularization.ratio=0.2"])
+    with pytest.raises(ConfigError, match=r"data\.regularization\.folders\[0\]: .*nowhere' is not a directory"):
+        check_inputs(cfg)
