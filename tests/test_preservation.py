@@ -11,7 +11,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from helpers import (
-    CAPTIONS, WORKERS, drain_pipeline, make_trainer, noise_samples, run_python, set_flags, tiny_overrides,
+    CAPTIONS, WORKERS, drain_pipeline, edit_samples, make_trainer, noise_samples, run_python, set_flags, t2i_samples,
+    tiny_overrides,
 )
 from hidream_ft.config import ConfigError, DataConfig, RegularizationConfig, load_config
 from hidream_ft.data.collate import TrainCollator
@@ -122,6 +123,16 @@ def test_preservation_batches_hold_the_prompts_in_the_captions_place(tiny_checkp
     for sample in samples:
         assert PROMPTS[sample.noise_seed % 3] in "".join(text)
         assert sample.caption not in "".join(text)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_edit_batches_keep_their_references_under_the_preservation_prompts(tiny_checkpoint, tmp_path, packed):
+    trainer, collate = preserving_trainer(tiny_checkpoint, tmp_path)
+    samples = edit_samples(2) + (t2i_samples() if packed else [])
+    batch = collate(PackedSamples(samples, 1024) if packed else samples)
+    assert batch.conditions is not None and batch.preservation_layout is not None
+    with torch.no_grad():
+        assert float(preservation_loss(trainer.model, batch, trainer.cfg.diffusion)) == 0.0
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr"])
