@@ -22,9 +22,7 @@ from hidream_ft.data.collate import TrainBatch, TrainCollator
 from hidream_ft.data.folders import resolved_folder
 from hidream_ft.data.heldout import HeldoutBatches
 from hidream_ft.data.shards import expand_shards, local_shard_path
-from hidream_ft.flow.objective import (
-    add_noise, diffusion_loss, draw_packed_sigmas_and_noise, draw_sigmas_and_noise, model_timestep,
-)
+from hidream_ft.flow.objective import diffusion_loss, model_timestep
 from hidream_ft.inference.heldout import heldout_loss, heldout_scalars
 from hidream_ft.inference.validation import log_validation, render_validation
 from hidream_ft.metrics import MetricsLogger, peak_memory_gib, require_wandb
@@ -41,6 +39,7 @@ from hidream_ft.runtime.checkpoint import Checkpointer, resolve_resume
 from hidream_ft.runtime.lock import OutputLock, lock_output_folder
 from hidream_ft.parallel.distributed import DistEnv, build_mesh, init_distributed
 from hidream_ft.parallel.fsdp import parallelize
+from hidream_ft.preservation import preservation_loss, preservation_prompts
 from hidream_ft.runtime.preemption import PreemptionHandler
 
 
@@ -145,18 +144,8 @@ def build_model(cfg: Config, env: DistEnv, tokenizer, load=load_model):
 def compute_loss(model, batch: TrainBatch, diffusion: DiffusionConfig) -> torch.Tensor:
     """One micro-batch: draw σ and ε, noise the target, predict x0, MSE on the target tokens."""
     x0 = batch.x0
-    sigma_options = dict(method=diffusion.timestep_sampling, logit_mean=diffusion.logit_mean,
-                         logit_std=diffusion.logit_std, shift=diffusion.shift, sigma_min=diffusion.sigma_min,
-                         sigma_max=diffusion.sigma_max)
     counts = batch.packed_target_counts
-    if counts is None:
-        sigmas, noise = draw_sigmas_and_noise(batch.noise_seeds, x0.shape[1:], x0.device, **sigma_options)
-        token_sigmas, output = sigmas, dict(output_tokens=batch.layout.num_target_tokens)
-    else:  # a packed row: each sample draws what it draws alone; its σ applies to each of its tokens
-        sigmas, noise = draw_packed_sigmas_and_noise(batch.noise_seeds, counts, x0.shape[-1], x0.device,
-                                                     **sigma_options)
-        token_sigmas, output = sigmas.repeat_interleave(torch.tensor(counts, device=sigmas.device)), {}
-    z = add_noise(x0, noise, token_sigmas, diffusion.noise_scale)
+    z, sigmas, output = batch.noised(diffusion)
     # Only the target is noised and predicted; reference patches (edit / IP) ride along clean.
     x_pred = model(**batch.model_inputs(z), timestep=model_timestep(sigmas), **output)
     return diffusion_loss(x_pred, x0, sigmas, kind=diffusion.loss, sigma_floor=diffusion.velocity_sigma_floor,
@@ -211,10 +200,15 @@ class Trainer:
         self.model.train()
         device = self.env.device
         loss_sum = torch.zeros((), device=device)
+        preservation = self.cfg.preservation
+        preserving = preservation.enabled and self.step_index % preservation.every == 0
         for index, batch in enumerate(micro_batches):
             if isinstance(self.base, FSDPModule):
                 self.base.set_requires_gradient_sync(index == len(micro_batches) - 1)
-            loss = compute_loss(self.model, batch.to(device), self.cfg.diffusion)
+            batch = batch.to(device)
+            loss = compute_loss(self.model, batch, self.cfg.diffusion)
+            if preserving:  # included in the logged loss
+                loss = loss + preservation.weight * preservation_loss(self.model, batch, self.cfg.diffusion)
             if self.cfg.optim.fused_backward:  # the update runs in backward (one micro-batch, no clipping)
                 self.optimizer.begin_backward(loss)
             (loss / len(micro_batches)).backward()
@@ -315,14 +309,15 @@ def check_inputs(cfg: Config) -> None:
     require_wandb(cfg.logging)
     if cfg.train.mode == "lora":
         lora_target_regex(cfg.lora)
+    preservation_prompts(cfg.preservation)
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise ConfigError(f"model.weights: {cfg.model.weights!r} is not a file")
-    for i, folder in enumerate(cfg.data.folders):
-        for path in [folder.path, *folder.controls]:
-            resolved_folder(path, f"data.folders[{i}]")
-    for i, folder in enumerate(cfg.validation.loss_folders):
-        for path in [folder.path, *folder.controls]:
-            resolved_folder(path, f"validation.loss_folders[{i}]")
+    for where, folders in (("data.folders", cfg.data.folders),
+                           ("data.regularization.folders", cfg.data.regularization.folders),
+                           ("validation.loss_folders", cfg.validation.loss_folders)):
+        for i, folder in enumerate(folders):
+            for path in [folder.path, *folder.controls]:
+                resolved_folder(path, f"{where}[{i}]")
     for key, patterns in (("data.shards", cfg.data.shards), ("validation.loss_shards", cfg.validation.loss_shards)):
         for url in expand_shards(patterns):
             local = local_shard_path(url)
@@ -377,7 +372,7 @@ def train_locked(cfg: Config, env: DistEnv, preemption: PreemptionHandler, lock:
         preemption.uninstall()
         return finish_complete_run(trainer, start_step)
     collate = TrainCollator(trainer.tokenizer, trainer.tokens, cfg.data.max_text_tokens,
-                            ConditionProcessor.from_pretrained(cfg.model.path))
+                            ConditionProcessor.from_pretrained(cfg.model.path), preservation_prompts(cfg.preservation))
     pipeline = build_pipeline(cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
                               default_batch_size=cfg.train.batch_size, collate=collate)
     if data_state is not None:

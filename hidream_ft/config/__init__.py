@@ -7,6 +7,7 @@ from hidream_ft.config.training import (
     AttentionKind, CheckpointConfig, Config, DataConfig, DataStage, DiffusionConfig, FolderSource, FullConfig,
     LoggingConfig, LoraConfig, ModelConfig, ModelDtype, OptimConfig, ParallelConfig, TrainConfig, ValidationConfig,
     check_buckets, load_config, to_dict, to_toml,
+    PreservationConfig, RegularizationConfig,
 )
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "ParallelConfig", "RECIPES", "SamplingSettings", "SlurmConfig", "TrainConfig", "ValidationConfig", "build_table",
     "check_buckets", "load_config", "parse_literal", "read_toml", "to_dict", "to_toml", "toml_literal",
     "write_toml",
+    "PreservationConfig", "RegularizationConfig",
 ]

@@ -185,6 +185,29 @@ class DataStage:
 
 
 @dataclass
+class RegularizationConfig:
+    """Images mixed into training to keep what the base model knows (``[data.regularization]``, docs/quality.md)."""
+
+    folders: list[FolderSource | str] = field(default_factory=list)  # same format as data.folders
+    ratio: float = 0.0  # fraction of the samples of an epoch drawn from these folders
+    weight: float = 1.0  # multiplies each of their samples' loss weight
+
+    def __post_init__(self) -> None:
+        self.folders = [FolderSource(path=f) if isinstance(f, str) else f for f in self.folders]
+
+    def validate(self, where: str) -> None:
+        for i, folder in enumerate(self.folders):
+            folder.validate(f"{where}.folders[{i}]")
+        if not 0 <= self.ratio < 1:
+            raise ConfigError(f"{where}.ratio: must be in [0, 1), got {self.ratio}")
+        if bool(self.folders) != (self.ratio > 0):
+            raise ConfigError(f"{where}: folders and a ratio > 0 go together, got {len(self.folders)} folder(s) "
+                              f"and ratio {self.ratio}")
+        if self.weight < 0:
+            raise ConfigError(f"{where}.weight: must be ≥ 0, got {self.weight}")
+
+
+@dataclass
 class DataConfig:
     folders: list[FolderSource | str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
@@ -214,6 +237,7 @@ class DataConfig:
     shard_captions: list[str] = field(default_factory=lambda: ["txt", "caption", "json:caption", "json:text"])
     missing_control: Literal["skip", "error"] = "skip"  # a target without its control image (edit / IP)
     task_weights: dict[str, float] = field(default_factory=dict)  # loss weight per task: t2i, edit, ip
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
 
     def __post_init__(self) -> None:
         self.folders = [FolderSource(path=f) if isinstance(f, str) else f for f in self.folders]
@@ -226,6 +250,9 @@ class DataConfig:
             )
         for i, folder in enumerate(self.folders):
             folder.validate(f"{where}.folders[{i}]")
+        if self.regularization.folders and self.shards:
+            raise ConfigError(f"{where}.regularization: mixes into data.folders only; pack the regularization "
+                              "images into the shards instead")
         for task, weight in self.task_weights.items():
             if task not in ("t2i", "edit", "ip"):
                 raise ConfigError(f"{where}.task_weights: unknown task {task!r}; use t2i, edit or ip")
@@ -363,6 +390,29 @@ class ValidationConfig(SamplingSettings):
 
 
 @dataclass
+class PreservationConfig:
+    """LoRA prior preservation (docs/quality.md): the adapted model's prediction for preservation prompts is
+    pulled towards the base model's, on the noisy images of each training micro-batch."""
+
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str = ""  # one prompt per line, added to ``prompts``
+    weight: float = 1.0
+    every: int = 1  # steps between preservation steps
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prompts or self.prompts_file)
+
+    def validate(self, where: str) -> None:
+        if self.weight <= 0:
+            raise ConfigError(f"{where}.weight: must be > 0, got {self.weight}")
+        if self.every < 1:
+            raise ConfigError(f"{where}.every: must be ≥ 1, got {self.every}")
+        if any(not prompt.strip() for prompt in self.prompts):
+            raise ConfigError(f"{where}.prompts: a prompt is blank in {self.prompts}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -375,11 +425,15 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    preservation: PreservationConfig = field(default_factory=PreservationConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     # Parameter grids for launch.submit (dotted key → list of values); the trainer ignores it.
     sweep: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
+        if self.preservation.enabled and self.train.mode != "lora":
+            raise ConfigError("preservation: compares the model with its adapter disabled, so it needs "
+                              f"train.mode = 'lora', got {self.train.mode!r}")
         if self.optim.fused_backward:
             # Each parameter is updated as soon as its gradient exists, before the others have theirs.
             if self.train.grad_accum > 1:
@@ -401,7 +455,7 @@ def _relative_to_file(table: dict, folder: Path) -> None:
         return value
 
     for section, key in (("model", "path"), ("model", "weights"), ("logging", "output_dir"),
-                         ("checkpoint", "resume")):
+                         ("checkpoint", "resume"), ("preservation", "prompts_file")):
         if isinstance(table.get(section), dict) and key in table[section]:
             table[section][key] = rebase(table[section][key])
     validation = table.get("validation")
@@ -415,10 +469,13 @@ def _relative_to_file(table: dict, folder: Path) -> None:
     if isinstance(data.get("shards"), list):
         data["shards"] = [rebase(pattern) for pattern in data["shards"]]
     _rebase_folders(data, "folders", rebase)
+    if isinstance(data.get("regularization"), dict):
+        _rebase_folders(data["regularization"], "folders", rebase)
 
 
 def _rebase_folders(section: dict, key: str, rebase) -> None:
-    """Apply ``rebase`` to the paths of a folder list (``data.folders``, ``validation.loss_folders``)."""
+    """Apply ``rebase`` to the paths of a folder list (``data.folders``, ``data.regularization.folders``,
+    ``validation.loss_folders``)."""
     entries = section.get(key)
     for i, folder_entry in enumerate(entries if isinstance(entries, list) else []):
         if isinstance(folder_entry, dict):

@@ -4,11 +4,13 @@ off the GPU loop)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
 
-from hidream_ft.config import ConfigError
+from hidream_ft.config import ConfigError, DiffusionConfig
+from hidream_ft.flow.objective import add_noise, draw_packed_sigmas_and_noise, draw_sigmas_and_noise
 from hidream_ft.data.planner import PackedSamples
 from hidream_ft.model.errors import ModelInputError
 from hidream_ft.model.patches import PATCH_SIZE, patchify, pixels_from_uint8, uint8_from_pixels
@@ -53,6 +55,8 @@ class TrainBatch:
     # Loss weight of each target token ([B, N_target], [Σ N_target] when packed) from the samples' masks;
     # None when every token weighs 1 (no masks, or white ones): the loss is then the plain mean, bit for bit.
     token_weights: torch.Tensor | None = None
+    # Prior preservation (docs/quality.md): the same images under each sample's preservation prompt.
+    preservation_layout: LayoutBatch | PackedLayout | None = None
 
     @property
     def size(self) -> int:
@@ -77,13 +81,31 @@ class TrainBatch:
         device = torch.device(device)
         return TrainBatch(self.layout.to(device), _copy_to(self.target, device), _copy_to(self.weights, device),
                           self.keys, self.noise_seeds, None if self.conditions is None else self.conditions.to(device),
-                          None if self.token_weights is None else _copy_to(self.token_weights, device))
+                          None if self.token_weights is None else _copy_to(self.token_weights, device),
+                          None if self.preservation_layout is None else self.preservation_layout.to(device))
 
     def pin_memory(self) -> "TrainBatch":
         """Called by the DataLoader's pin-memory thread (``data.pin_memory`` on CUDA machines)."""
         return dataclasses.replace(
             self, target=self.target.pin_memory(), weights=self.weights.pin_memory(),
             token_weights=None if self.token_weights is None else self.token_weights.pin_memory())
+
+    def noised(self, diffusion: DiffusionConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Draw σ and ε of every sample from its seed and noise the target: (z_σ, σ per sample, the model's output
+        arguments). Drawing again gives the same tensors."""
+        x0 = self.x0
+        sigma_options = dict(method=diffusion.timestep_sampling, logit_mean=diffusion.logit_mean,
+                             logit_std=diffusion.logit_std, shift=diffusion.shift, sigma_min=diffusion.sigma_min,
+                             sigma_max=diffusion.sigma_max)
+        counts = self.packed_target_counts
+        if counts is None:
+            sigmas, noise = draw_sigmas_and_noise(self.noise_seeds, x0.shape[1:], x0.device, **sigma_options)
+            token_sigmas, output = sigmas, dict(output_tokens=self.layout.num_target_tokens)
+        else:  # a packed row: each sample draws what it draws alone; its σ applies to each of its tokens
+            sigmas, noise = draw_packed_sigmas_and_noise(self.noise_seeds, counts, x0.shape[-1], x0.device,
+                                                         **sigma_options)
+            token_sigmas, output = sigmas.repeat_interleave(torch.tensor(counts, device=sigmas.device)), {}
+        return add_noise(x0, noise, token_sigmas, diffusion.noise_scale), sigmas, output
 
     def model_inputs(self, noisy_target: torch.Tensor) -> dict:
         """``HiDreamO1.forward`` keyword arguments but the timestep; the references follow the noisy target."""
@@ -116,13 +138,13 @@ class TextToImageCollator:
         return truncate_caption(self.tokenizer, sample.caption, self.max_caption_tokens)
 
     def __call__(self, samples) -> TrainBatch:
-        return self.batch(samples, collate_layouts([self._t2i_layout(s) for s in samples], self.tokens.pad))
+        layouts = [self._t2i_layout(s, self.caption(s)) for s in samples]
+        return self.batch(samples, collate_layouts(layouts, self.tokens.pad))
 
-    def _t2i_layout(self, sample) -> SampleLayout:
+    def _t2i_layout(self, sample, caption: str) -> SampleLayout:
         _, height, width = sample.pixels.shape
         with _naming_the_sample(sample.key):
-            return build_t2i_layout(self.tokenizer, self.tokens, self.caption(sample), height, width,
-                                    self.max_text_tokens)
+            return build_t2i_layout(self.tokenizer, self.tokens, caption, height, width, self.max_text_tokens)
 
     def batch(self, samples, layout: LayoutBatch | PackedLayout,
               conditions: ImageConditions | None = None) -> TrainBatch:
@@ -154,30 +176,44 @@ class TrainCollator(TextToImageCollator):
 
     :class:`PackedSamples` (a stage with ``max_tokens``, docs/data.md "Packing") become one packed row of
     their ``row_tokens``, samples of any sizes and tasks back to back.
+
+    With ``preservation_prompts`` (prior preservation, docs/quality.md) every batch also carries the layout of
+    its samples under a preservation prompt each (picked by the sample's noise seed) in place of the caption:
+    built here, in the workers, so that the training step tokenizes nothing.
     """
 
     def __init__(self, tokenizer, tokens: SpecialTokens, max_text_tokens: int,
-                 processor: ConditionProcessor):
+                 processor: ConditionProcessor, preservation_prompts: Sequence[str] = ()):
         super().__init__(tokenizer, tokens, max_text_tokens)
         self.processor = processor
+        self.preservation_prompts = [truncate_caption(tokenizer, prompt, self.max_caption_tokens)
+                                     for prompt in preservation_prompts]
 
     def __call__(self, samples) -> TrainBatch:
+        batch = self.batch(samples, *self._layouts(samples, [self.caption(s) for s in samples]))
+        if self.preservation_prompts:
+            prompts = [self.preservation_prompts[s.noise_seed % len(self.preservation_prompts)] for s in samples]
+            # The references' conditions do not depend on the prompt: the batch's serve both layouts.
+            batch.preservation_layout, _ = self._layouts(samples, prompts)
+        return batch
+
+    def _layouts(self, samples, captions: list[str]) -> tuple[LayoutBatch | PackedLayout, ImageConditions | None]:
         if isinstance(samples, PackedSamples):
-            items = [self._reference_layout(s) if getattr(s, "references", None) else self._t2i_layout(s)
-                     for s in samples]
-            return self.batch(samples, *pack_sample_layouts(items, self.tokens.pad, samples.row_tokens))
+            items = [self._reference_layout(s, c) if getattr(s, "references", None) else self._t2i_layout(s, c)
+                     for s, c in zip(samples, captions)]
+            return pack_sample_layouts(items, self.tokens.pad, samples.row_tokens)
         with_references = [bool(getattr(s, "references", None)) for s in samples]
         if not any(with_references):
-            return super().__call__(samples)
+            return collate_layouts([self._t2i_layout(s, c) for s, c in zip(samples, captions)], self.tokens.pad), None
         if not all(with_references):
             plain = [s.key for s, has in zip(samples, with_references) if not has]
             raise ValueError(f"a batch mixes samples with and without references ({plain[0]} has none); "
                              "the data pipeline groups samples by target and reference sizes")
-        layout, conditions = collate_reference_layouts([self._reference_layout(s) for s in samples], self.tokens.pad)
-        return self.batch(samples, layout, conditions)
+        return collate_reference_layouts([self._reference_layout(s, c) for s, c in zip(samples, captions)],
+                                         self.tokens.pad)
 
-    def _reference_layout(self, sample) -> ReferenceLayout:
+    def _reference_layout(self, sample, caption: str) -> ReferenceLayout:
         _, height, width = sample.pixels.shape
         with _naming_the_sample(sample.key):
-            return build_reference_layout(self.tokenizer, self.tokens, self.processor, self.caption(sample), height,
-                                          width, sample.references)
+            return build_reference_layout(self.tokenizer, self.tokens, self.processor, caption, height, width,
+                                          sample.references)

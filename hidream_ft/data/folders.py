@@ -158,15 +158,17 @@ def _mask_index(mask_dir: str, root: Path, where: str) -> dict[str, str]:
     return images_by_key(folder)
 
 
-def scan_folders(sources: list[FolderSource], missing_caption: str, counts: Counter) -> list[FolderItem]:
+def scan_folders(sources: list[FolderSource], missing_caption: str, counts: Counter,
+                 where: str = "data.folders") -> list[FolderItem]:
     """All folders' items. Keys are relative to the folders' common parent ('cats/001' and 'dogs/001' for
-    folders .../cats and .../dogs; just '001' for a single folder), so they are unique across folders."""
-    roots = [resolved_folder(source.path, f"data.folders[{i}].path") for i, source in enumerate(sources)]
-    masks = [_mask_index(source.mask_dir, root, f"data.folders[{i}].mask_dir") if source.mask_dir else None
+    folders .../cats and .../dogs; just '001' for a single folder), so they are unique across folders.
+    ``where``: the configuration key of ``sources``, for messages."""
+    roots = [resolved_folder(source.path, f"{where}[{i}].path") for i, source in enumerate(sources)]
+    masks = [_mask_index(source.mask_dir, root, f"{where}[{i}].mask_dir") if source.mask_dir else None
              for i, (source, root) in enumerate(zip(sources, roots))]
     duplicates = [str(root) for root in roots if roots.count(root) > 1]
     if duplicates:
-        raise ConfigError(f"data.folders: {duplicates[0]} is listed twice; use num_repeats to repeat a folder")
+        raise ConfigError(f"{where}: {duplicates[0]} is listed twice; use num_repeats to repeat a folder")
     key_base = Path(os.path.commonpath(roots)) if len(roots) > 1 else roots[0]
     seen_keys: dict = {}
     items = [
@@ -176,7 +178,7 @@ def scan_folders(sources: list[FolderSource], missing_caption: str, counts: Coun
     ]
     if not items:
         folders = ", ".join(source.path for source in sources)
-        raise ConfigError(f"data.folders: no usable image (.{', .'.join(IMAGE_EXTENSIONS)}) found in {folders}")
+        raise ConfigError(f"{where}: no usable image (.{', .'.join(IMAGE_EXTENSIONS)}) found in {folders}")
     return items
 
 

@@ -29,15 +29,46 @@ class PackedSamples(list):
         self.row_tokens = row_tokens
 
 
+@dataclass(frozen=True)
+class Mixing:
+    """Entries of a second dataset mixed into every epoch (``data.regularization``): ``per_epoch`` of them,
+    taken in turn from a stream of seeded passes over ``entries`` (item indices, repeats included), so that
+    each of its items is used as often as the others however the epochs cut the stream."""
+
+    entries: np.ndarray
+    per_epoch: int
+
+    def draw(self, seed: int, epoch: int) -> np.ndarray:
+        """The mixed entries of ``epoch``: positions [epoch·per_epoch, (epoch + 1)·per_epoch) of the stream."""
+        first, count = epoch * self.per_epoch, len(self.entries)
+        passes = range(first // count, -(-(first + self.per_epoch) // count))  # the passes the range touches
+        stream = np.concatenate([self.entries[:0], *(self.entries[_permutation(count, "mixed pass", seed, p)]
+                                                     for p in passes)])
+        start = first - passes.start * count
+        return stream[start:start + self.per_epoch]
+
+
+def mixed_count(entries: int, ratio: float) -> int:
+    """How many mixed entries make them ``ratio`` of an epoch of ``entries`` others (rounded)."""
+    return round(entries * ratio / (1 - ratio))
+
+
+def _permutation(length: int, *parts) -> np.ndarray:
+    entropy = rng_for(*parts).getrandbits(128)
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy))).permutation(length)
+
+
 _ANY_BUCKET = -1  # the one queue of a token-budget stage, whose micro-batches mix buckets
 
 
 class EpochPlanner:
     """Deterministic micro-batches of one finite dataset; ``position()`` restores it via the constructor."""
 
-    def __init__(self, repeats: np.ndarray, seed: int, epoch: int = 0, cursor: int = 0, pending: list[int] = ()):
+    def __init__(self, repeats: np.ndarray, seed: int, epoch: int = 0, cursor: int = 0, pending: list[int] = (),
+                 mixing: Mixing | None = None):
         self._entries = np.repeat(np.arange(len(repeats)), repeats)
         self._seed = seed
+        self._mixing = mixing
         self._epoch = epoch
         self._order = self._epoch_order(epoch)
         self._cursor = cursor
@@ -49,9 +80,10 @@ class EpochPlanner:
         self._max_tokens = 0
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        entropy = rng_for("epoch", self._seed, epoch).getrandbits(128)
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
-        return self._entries[rng.permutation(len(self._entries))]
+        entries = self._entries
+        if self._mixing is not None:
+            entries = np.concatenate([entries, self._mixing.draw(self._seed, epoch)])
+        return entries[_permutation(len(entries), "epoch", self._seed, epoch)]
 
     def set_stage(self, assignment: np.ndarray, batch_size: int, costs: np.ndarray | None = None,
                   max_tokens: int = 0) -> None:

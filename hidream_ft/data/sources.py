@@ -4,6 +4,7 @@ whichever DataLoader worker runs, and hand it out with the position after it (do
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from abc import ABC, abstractmethod
@@ -19,7 +20,7 @@ from hidream_ft.data.errors import DataError
 from hidream_ft.data.folders import fingerprint, scan_folders
 from hidream_ft.data.items import FolderItem
 from hidream_ft.data.paired import ShapeGroups, attach_controls, group_by_shape, sample_tokens, with_references
-from hidream_ft.data.planner import EpochPlanner, PackedSamples, PlannedBatch
+from hidream_ft.data.planner import EpochPlanner, Mixing, PackedSamples, PlannedBatch, mixed_count
 from hidream_ft.data.samples import Sample, make_sample, rng_for
 from hidream_ft.data.shards import (StreamReader, expand_shards, fresh_cursor, read_manifest_sizes,
                                     shards_fingerprint, survey_shard)
@@ -99,10 +100,12 @@ class Source(ABC):
 class FolderBatches(IterableDataset):
     """This rank's micro-batches of the global folder plan; DataLoader worker w builds every W-th one."""
 
-    def __init__(self, items, shapes: ShapeGroups, costs, cfg, seed, rank, world_size, grad_accum, first_step,
-                 position, collate):
+    def __init__(self, items, repeats, mixing, shapes: ShapeGroups, costs, cfg, seed, rank, world_size, grad_accum,
+                 first_step, position, collate):
         super().__init__()
         self.items: list[FolderItem] = items
+        self.repeats: np.ndarray = repeats  # entries per epoch of each item (0: regularization items)
+        self.mixing: Mixing | None = mixing  # the regularization entries mixed into each epoch
         self.costs: list[np.ndarray | None] = costs  # per stage: each item's tokens when the stage packs
         self.shapes = shapes  # buckets split by reference sizes, so that a micro-batch holds one shape
         self.stages: list[Stage] = shapes.stages
@@ -119,9 +122,8 @@ class FolderBatches(IterableDataset):
 
     def _outputs(self, counts: Counter):
         worker, num_workers = _worker_identity()
-        repeats = np.array([item.repeats for item in self.items])
-        planner = EpochPlanner(repeats, self.seed, self.position["epoch"], self.position["cursor"],
-                               self.position["pending"])
+        planner = EpochPlanner(self.repeats, self.seed, self.position["epoch"], self.position["cursor"],
+                               self.position["pending"], self.mixing)
         stage = None
         # Steps before first_step are only planned (a resume without a saved position replays the plan).
         for step in itertools.count(self.position["next_step"]):
@@ -183,18 +185,39 @@ class FolderBatches(IterableDataset):
         return None
 
 
+def _regularization_items(cfg: DataConfig, counts: Counter) -> list[FolderItem]:
+    """The items of ``data.regularization.folders``, their keys prefixed and their loss weights multiplied."""
+    regularization = cfg.regularization
+    if not regularization.folders:
+        return []
+    items = scan_folders(regularization.folders, cfg.missing_caption, counts, "data.regularization.folders")
+    return [dataclasses.replace(item, key=f"regularization/{item.key}", weight=item.weight * regularization.weight)
+            for item in attach_controls(items, regularization.folders, cfg.missing_control, counts)]
+
+
 class IndexedFolders(Source):
     """Image folders, indexed at start; every rank plans the same epochs and takes its slice of each step.
-    The position (epoch, next entry, entries still queued) is the same on every rank."""
+    The position (epoch, next entry, entries still queued) is the same on every rank. Regularization folders
+    (``data.regularization``) are indexed after the training folders; their items enter each epoch's plan as
+    its mixed share rather than by their repeats."""
 
     mode = "folder"
 
     def __init__(self, cfg: DataConfig, stages: list[Stage], seed: int, rank: int, world_size: int,
                  scan_counts: Counter):
         self.cfg, self.stages, self.seed, self.rank, self.world_size = cfg, stages, seed, rank, world_size
-        self.items = attach_controls(scan_folders(cfg.folders, cfg.missing_caption, scan_counts), cfg.folders,
-                                     cfg.missing_control, scan_counts)
+        trained = attach_controls(scan_folders(cfg.folders, cfg.missing_caption, scan_counts), cfg.folders,
+                                  cfg.missing_control, scan_counts)
+        self.items = trained + _regularization_items(cfg, scan_counts)
+        is_mixed = np.arange(len(self.items)) >= len(trained)
+        all_repeats = np.array([item.repeats for item in self.items])
+        self.repeats = np.where(is_mixed, 0, all_repeats)
+        self.mixing = None
         self.fingerprint = fingerprint(self.items)
+        if is_mixed.any():
+            self.mixing = Mixing(np.repeat(np.flatnonzero(is_mixed), all_repeats[is_mixed]),
+                                 mixed_count(int(self.repeats.sum()), cfg.regularization.ratio))
+            self.fingerprint += f"+{self.mixing.per_epoch}"  # a position counts entries of a mix of this size
         widths = [item.width for item in self.items]
         heights = [item.height for item in self.items]
         self.assignments = [stage_assignment(widths, heights, s, cfg.small_images) for s in stages]
@@ -235,8 +258,8 @@ class IndexedFolders(Source):
               collate: Collate) -> tuple[IterableDataset, dict]:
         position = self._continued_position(saved, start_step)
         shapes = group_by_shape(self.stages, self.assignments, self.items)
-        dataset = FolderBatches(self.items, shapes, self.costs, self.cfg, self.seed, self.rank, self.world_size,
-                                grad_accum, start_step, position, collate)
+        dataset = FolderBatches(self.items, self.repeats, self.mixing, shapes, self.costs, self.cfg, self.seed,
+                                self.rank, self.world_size, grad_accum, start_step, position, collate)
         return dataset, position
 
     def _continued_position(self, saved: dict, start_step: int) -> dict:

@@ -15,8 +15,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from helpers import make_trainer, noise_samples, training_worker_arguments
-from hidream_ft.data.collate import TextToImageCollator
+from hidream_ft.data.collate import TrainCollator
+from hidream_ft.model.conditioning import ConditionProcessor
 from hidream_ft.parallel.distributed import shutdown
+from hidream_ft.preservation import preservation_prompts
 
 
 def main() -> None:
@@ -25,7 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     trainer = make_trainer(args.checkpoint, args.run_dir, *args.set)
     env = trainer.env
-    collate = TextToImageCollator(trainer.tokenizer, trainer.tokens, 128)
+    collate = TrainCollator(trainer.tokenizer, trainer.tokens, 128, ConditionProcessor.from_pretrained(args.checkpoint),
+                            preservation_prompts(trainer.cfg.preservation))
     start = trainer.resume()[0] if args.resume else 0
     losses = {}
     for step in range(start, args.steps):
