@@ -71,7 +71,8 @@ def test_swapped_in_weights_are_the_average_and_then_exactly_the_weights_again()
 
 
 def test_names_are_state_dict_keys():
-    assert state_dict_key("model.layers.0._checkpoint_wrapped_module.mlp._orig_mod.weight") == "model.layers.0.mlp.weight"
+    wrapped = "model.layers.0._checkpoint_wrapped_module.mlp._orig_mod.weight"
+    assert state_dict_key(wrapped) == "model.layers.0.mlp.weight"
 
 
 @pytest.mark.parametrize("override, message", [("ema.decay=1.0", r"ema\.decay: must be in \[0, 1\)"),
@@ -86,7 +87,8 @@ def test_bad_values_are_one_line_errors(override, message):
 
 def test_trainer_average_is_the_hand_computed_one_and_skips_what_the_optimizer_skips(tiny_checkpoint, tmp_path):
     trainer = make_trainer(tiny_checkpoint, tmp_path, "train.mode='full'", "ema.enabled=true", "ema.decay=0.8",
-                           "ema.every=2")
+                           "ema.every=2", "parallel.activation_checkpointing='full'")
+    assert any("_checkpoint_wrapped_module" in name for name, _ in trainer.model.named_parameters())
     assert trainer.ema.averages.keys() == {name for name, p in trainer.model.state_dict(keep_vars=True).items()
                                            if p.requires_grad}
     good, bad = fixed_batch(trainer), fixed_batch(trainer)
