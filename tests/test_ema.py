@@ -10,12 +10,15 @@ from safetensors.torch import load_file
 
 from helpers import CAPTIONS, WORKERS, make_trainer, noise_samples, run_python, set_flags
 from hidream_ft.config import ConfigError, load_config
+import hidream_ft.trainer as trainer_module
 from hidream_ft.convert.__main__ import main as convert
 from hidream_ft.data.collate import TextToImageCollator
+from hidream_ft.demo import write_demo
 from hidream_ft.errors import UserError
 from hidream_ft.model import load_model
 from hidream_ft.optim.ema import ParamEma, ema_decay, lerp_weight, state_dict_key
 from hidream_ft.runtime.checkpoint import EMA_WEIGHTS, load_model_state
+from hidream_ft.train import main as train_main
 
 
 def fixed_batch(trainer):
@@ -186,6 +189,28 @@ def test_merge_ema_of_a_full_fine_tune_holds_the_average(tiny_checkpoint, tmp_pa
     for name, average in trainer.ema.averages.items():
         assert torch.equal(merged[name], average), name
     assert any(not torch.equal(merged[name], param.detach()) for name, param in trainer.ema.params.items())
+
+
+def test_a_run_validates_with_the_average_and_writes_it_as_adapter_ema(tmp_path, monkeypatch):
+    rendered = []
+    render = trainer_module.render_validation
+
+    def recording_render(model, *args):
+        rendered.append({state_dict_key(name).replace(".default", ""): param.detach().clone()
+                         for name, param in model.named_parameters() if param.requires_grad})
+        return render(model, *args)
+
+    monkeypatch.setattr(trainer_module, "render_validation", recording_render)
+    config = write_demo(tmp_path / "demo", steps=2)
+    assert train_main(["--config", str(config), *set_flags(
+        "ema.enabled=true", "ema.decay=0.5", "data.num_workers=0", "validation.every=2",
+        "validation.prompts=['a fox']", "validation.steps=1", "validation.width=64", "validation.height=32")]) == 0
+    output_dir = tmp_path / "demo" / "output"
+    average = load_file(str(output_dir / "adapter-ema" / "adapter_model.safetensors"))
+    final = load_file(str(output_dir / "adapter" / "adapter_model.safetensors"))
+    assert len(rendered) == 1 and rendered[0].keys() == average.keys()
+    assert all(torch.equal(rendered[0][key], average[key]) for key in average)
+    assert any(not torch.equal(final[key], average[key]) for key in average)
 
 
 # --- several processes -------------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ def state_dict_key(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
 
 
-def ema_decay(decay: float | torch.Tensor, updates: torch.Tensor, warmup: bool) -> torch.Tensor:
+def ema_decay(decay: float, updates: torch.Tensor, warmup: bool) -> torch.Tensor:
     """The decay of the next update: ``decay``, or with ``warmup`` min(decay, (1 + n) / (10 + n)) for the n
-    updates applied so far, so the first updates follow the weights closely instead of the initial ones."""
+    updates applied so far, so the first updates follow the weights closely instead of the initial ones.
+    On ``updates``' device, with ``decay`` a kernel argument (no copy from the host)."""
     n = updates.to(torch.float32)
-    decay = torch.as_tensor(decay, dtype=torch.float32, device=n.device)
-    return torch.minimum(decay, (1 + n) / (10 + n)) if warmup else decay.expand_as(n)
+    return ((1 + n) / (10 + n)).clamp(max=decay) if warmup else torch.full_like(n, decay)
 
 
 def lerp_weight(decay: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,10 @@ class ParamEma:
         self.averages = {name: _fp32_like(param) for name, param in params.items()}
         self.updates = torch.zeros((), dtype=torch.int64, device=device)  # updates applied (skipped ones not)
         self._local_averages = [_local(average) for average in self.averages.values()]
-        self._local_params = [_local(param) for param in params.values()]
+
+    def _local_params(self) -> list[torch.Tensor]:
+        # Taken anew each time: FSDP may give a parameter new local storage (when a state dict is assigned).
+        return [_local(param) for param in self.params.values()]
 
     @classmethod
     def of_trainable(cls, model: torch.nn.Module, decay: float, warmup: bool) -> ParamEma:
@@ -68,30 +71,33 @@ class ParamEma:
     @torch.no_grad()
     def update(self, skip: torch.Tensor) -> None:
         """Move the average toward the current weights, unless the device flag ``skip`` is set."""
+        # A no-op but where FSDP keeps the parameters in host memory (parallel.offload), whose step waits anyway.
+        skip = skip.to(self.updates.device)
         weight = lerp_weight(ema_decay(self.decay, self.updates, self.warmup), skip)
         # The fp32 view of fp32 weights is the weights themselves; bf16 weights are widened first.
-        targets = [param.to(torch.float32) for param in self._local_params]
+        targets = [param.to(torch.float32) for param in self._local_params()]
         torch._foreach_lerp_(self._local_averages, targets, [weight] * len(targets))
         self.updates += ~skip
 
     @torch.no_grad()
     def restart(self) -> None:
         """Start the average again from the current weights."""
-        torch._foreach_copy_(self._local_averages, self._local_params)
+        torch._foreach_copy_(self._local_averages, self._local_params())
         self.updates.zero_()
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
         """The parameters hold the average (rounded to their dtype) inside the block and exactly their own
         values again after it."""
+        params = self._local_params()
         with torch.no_grad():
-            kept = [param.clone() for param in self._local_params]
-            torch._foreach_copy_(self._local_params, self._local_averages)
+            kept = [param.clone() for param in params]
+            torch._foreach_copy_(params, self._local_averages)
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(self._local_params, kept)
+                torch._foreach_copy_(params, kept)
 
     def state_dict(self) -> dict:
         """The averages (DTensors where the parameters are: a checkpoint of them reshards) and the update count.
