@@ -36,7 +36,7 @@ from hidream_ft.lora.targets import apply_lora, init_lora_weights, lora_target_r
 from peft import get_peft_model_state_dict  # after hidream_ft.lora, which imports peft without bitsandbytes
 from hidream_ft.model.conditioning import ConditionProcessor
 from hidream_ft.optim import build_optimizer, build_scheduler
-from hidream_ft.optim.ema import ParamEma
+from hidream_ft.optim.ema import EMA_ADAPTER_DIR, ParamEma
 from hidream_ft.runtime.checkpoint import Checkpointer, resolve_resume
 from hidream_ft.runtime.lock import OutputLock, lock_output_folder
 from hidream_ft.parallel.distributed import DistEnv, build_mesh, init_distributed
@@ -308,7 +308,7 @@ class Trainer:
         out = self._write_adapter("adapter")
         if self.ema is not None:
             with self.ema.swapped_in():
-                self._write_adapter("adapter-ema")
+                self._write_adapter(EMA_ADAPTER_DIR)
         return out
 
     def _write_adapter(self, name: str) -> Path:

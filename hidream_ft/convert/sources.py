@@ -27,9 +27,9 @@ from hidream_ft.lora import (
 from hidream_ft.lora.formats import META, PEFT_CONFIG
 from hidream_ft.lora.keys import is_lora_key
 from hidream_ft.model.safetensors_io import open_safetensors
+from hidream_ft.optim.ema import EMA_ADAPTER_DIR
 
 RUN_CONFIG = "config.toml"
-EMA_ADAPTER = "adapter-ema"  # the trainer's final adapter of the EMA weights, beside adapter/
 MODEL_KEY_ROOTS = ("model.", "lm_head.")  # a state dict under the official keys: full weights, not a LoRA
 STEP_META = "meta.json"
 
@@ -142,7 +142,7 @@ def load_source(path: str | Path, ema: bool = False) -> LoraAdapter | FullWeight
         return adapter
     if (path / STEP_META).is_file():
         return _read_step_dir(path, ema)
-    adapter = path / (EMA_ADAPTER if ema else "adapter")
+    adapter = path / (EMA_ADAPTER_DIR if ema else "adapter")
     if (adapter / PEFT_CONFIG).is_file():
         return load_source(adapter)
     checkpoints = complete_checkpoints(path / "checkpoints")

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch.distributed.tensor import DTensor
 
+EMA_ADAPTER_DIR = "adapter-ema"  # a LoRA run's final average, a PEFT folder beside its adapter/
 # Wrappers that activation checkpointing and torch.compile put into parameter names; state-dict keys omit them.
 WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod")
 
