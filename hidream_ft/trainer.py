@@ -8,6 +8,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from hidream_ft.lora.targets import apply_lora, init_lora_weights, lora_target_r
 from peft import get_peft_model_state_dict  # after hidream_ft.lora, which imports peft without bitsandbytes
 from hidream_ft.model.conditioning import ConditionProcessor
 from hidream_ft.optim import build_optimizer, build_scheduler
+from hidream_ft.optim.ema import EMA_ADAPTER_DIR, ParamEma
 from hidream_ft.runtime.checkpoint import Checkpointer, resolve_resume
 from hidream_ft.runtime.lock import OutputLock, lock_output_folder
 from hidream_ft.parallel.distributed import DistEnv, build_mesh, init_distributed
@@ -163,6 +165,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        self.ema = ParamEma.of_trainable(self.model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank,
                                          env.world_size, trainable_only=cfg.train.mode == "lora", lock=lock)
         # Device counters, read on the host only with the step's other values (see ``step``).
@@ -229,6 +232,8 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step_index += 1
+        if self.ema is not None and self.step_index % self.cfg.ema.every == 0:
+            self.ema.update(skip)
         values = torch.stack([loss, grad_norm.to(loss.dtype), self._skipped_in_a_row.to(loss.dtype), *summed[1:]])
         self.flush()
         if read:
@@ -275,23 +280,37 @@ class Trainer:
         }
 
     def save_checkpoint(self, step: int, data_state) -> Path:
-        return self.checkpointer.save(step, self.model, self.optimizer, self.scheduler, data_state, self.meta())
+        return self.checkpointer.save(step, self.model, self.optimizer, self.scheduler, data_state, self.meta(),
+                                      self.ema)
 
     def resume(self) -> tuple[int, object]:
         path = resolve_resume(self.cfg.checkpoint.resume, self.checkpointer.root)
         if path is None:
             return 0, None
-        step, data_state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler)
+        step, data_state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler, self.ema)
         self.step_index = step
         return step, data_state
 
+    def validation_weights(self):
+        """A context in which the model holds the weights validation renders with: the EMA's with
+        ``ema.for_validation``, else its own."""
+        return self.ema.swapped_in() if self.ema is not None and self.cfg.ema.for_validation else nullcontext()
+
     def save_adapter(self) -> Path | None:
-        """The final LoRA as a PEFT directory (keys in the official HF layout), written atomically."""
+        """The final LoRA as a PEFT directory (keys in the official HF layout), written atomically; with an EMA,
+        its average beside it in ``adapter-ema/``."""
         if self.cfg.train.mode != "lora":
             return None
+        out = self._write_adapter("adapter")
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                self._write_adapter(EMA_ADAPTER_DIR)
+        return out
+
+    def _write_adapter(self, name: str) -> Path:
         full = get_model_state_dict(self.model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-        out = self.output_dir / "adapter"
+        out = self.output_dir / name
         if self.env.is_main:
             config = self.model.peft_config["default"]
             config.base_model_name_or_path = str(self.cfg.model.path)
@@ -409,7 +428,9 @@ def train_locked(cfg: Config, env: DistEnv, preemption: PreemptionHandler, lock:
             })
         if cfg.validation.every and done % cfg.validation.every == 0:
             # Every rank renders (FSDP forwards are collective); the logger writes the images on rank 0 only.
-            images = render_validation(trainer.model, trainer.tokenizer, trainer.tokens, cfg.validation, env.device)
+            with trainer.validation_weights():
+                images = render_validation(trainer.model, trainer.tokenizer, trainer.tokens, cfg.validation,
+                                           env.device)
             log_validation(log, done, images)
         if heldout is not None and done % cfg.validation.loss_every == 0:
             # Every rank evaluates (FSDP forwards are collective) and gets the same number.

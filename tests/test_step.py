@@ -40,7 +40,8 @@ def fixed_batch(trainer):
     return TextToImageCollator(trainer.tokenizer, trainer.tokens, 128)(noise_samples(CAPTIONS[:2]))
 
 
-@pytest.mark.parametrize("options", [[], ["train.mode='full'", "optim.grad_clip=1.0"]])
+@pytest.mark.parametrize("options", [[], ["train.mode='full'", "optim.grad_clip=1.0"],
+                                     ["train.mode='full'", "ema.enabled=true"]])
 def test_a_steady_state_step_reads_nothing_on_the_host_and_a_logging_step_does(tiny_checkpoint, tmp_path, options):
     trainer = make_trainer(tiny_checkpoint, tmp_path, *options)
     batch = fixed_batch(trainer)

@@ -6,8 +6,7 @@ from hidream_ft.config.toml import ConfigError, build_table, parse_literal, read
 from hidream_ft.config.training import (
     AttentionKind, CheckpointConfig, Config, DataConfig, DataStage, DiffusionConfig, FolderSource, FullConfig,
     LoggingConfig, LoraConfig, ModelConfig, ModelDtype, OptimConfig, ParallelConfig, TrainConfig, ValidationConfig,
-    check_buckets, load_config, to_dict, to_toml,
-    PreservationConfig, RegularizationConfig,
+    EmaConfig, PreservationConfig, RegularizationConfig, check_buckets, load_config, to_dict, to_toml,
 )
 
 __all__ = [
@@ -15,6 +14,5 @@ __all__ = [
     "FolderSource", "FullConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "ModelDtype", "OptimConfig",
     "ParallelConfig", "RECIPES", "SamplingSettings", "SlurmConfig", "TrainConfig", "ValidationConfig", "build_table",
     "check_buckets", "load_config", "parse_literal", "read_toml", "to_dict", "to_toml", "toml_literal",
-    "write_toml",
-    "PreservationConfig", "RegularizationConfig",
+    "write_toml", "EmaConfig", "PreservationConfig", "RegularizationConfig",
 ]

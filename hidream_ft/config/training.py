@@ -327,6 +327,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the trainable parameters (docs/quality.md#ema)."""
+
+    enabled: bool = False
+    decay: float = 0.999
+    warmup: bool = True  # decay min(decay, (1 + n) / (10 + n)) after n updates
+    every: int = 1  # optimizer steps between updates
+    for_validation: bool = True  # render validation images with the averaged weights
+
+    def validate(self, where: str) -> None:
+        if not 0 <= self.decay < 1:
+            raise ConfigError(f"{where}.decay: must be in [0, 1) such as 0.999, got {self.decay}")
+        if self.every < 1:
+            raise ConfigError(f"{where}.every: must be ≥ 1 (optimizer steps between updates), got {self.every}")
+
+
+@dataclass
 class LoggingConfig:
     output_dir: str = "runs/default"
     log_every: int = 10
@@ -423,6 +440,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     preservation: PreservationConfig = field(default_factory=PreservationConfig)

@@ -1,13 +1,14 @@
 """Convert HiDream-O1 training outputs and LoRAs for inference tools.
 
-    python -m hidream_ft.convert export SOURCE --to {peft,comfyui,kohya,musubi} --out PATH [--base DIR]
+    python -m hidream_ft.convert export SOURCE --to {peft,comfyui,kohya,musubi} --out PATH [--base DIR] [--ema]
     python -m hidream_ft.convert inspect SOURCE
-    python -m hidream_ft.convert merge SOURCE[:WEIGHT] ... --out PATH [--layout hf|comfyui] [--base DIR]
+    python -m hidream_ft.convert merge SOURCE[:WEIGHT] ... --out PATH [--layout hf|comfyui] [--base DIR] [--ema]
     python -m hidream_ft.convert stack SOURCE:WEIGHT SOURCE:WEIGHT ... --to FORMAT --out PATH
 
 SOURCE is a run directory, a checkpoints/step-N/ folder, a PEFT adapter directory, or a .safetensors LoRA in
 any known key style (peft, comfyui, kohya, musubi, ai-toolkit, onetrainer, diffsynth — detected
 automatically). `merge` also takes full fine-tunes (a full-mode step-N/ folder or a plain state-dict file).
+`--ema` reads the averaged weights of a run trained with ema.enabled instead of its final ones.
 See docs/export.md.
 """
 
@@ -31,6 +32,8 @@ from hidream_ft.model.dtypes import TORCH_DTYPES
 from hidream_ft.model.safetensors_io import open_safetensors
 
 DTYPE_CHOICES = ("keep", "bf16", "fp16", "fp32")  # keep: the source's own dtypes
+EMA_HELP = ("the EMA weights of a run or checkpoint trained with ema.enabled (a run's adapter-ema/, else the "
+            "newest checkpoint's average)")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
@@ -66,7 +69,7 @@ def _base_dir(explicit: str | None, metadata: list[dict[str, str]]) -> Path:
 
 
 def cmd_export(args) -> None:
-    adapter = load_adapter(args.source)
+    adapter = load_adapter(args.source, args.ema)
     if args.base:
         check_fits(adapter, weight_shapes(args.base), f"the base model at {args.base}")
     if args.trigger is not None:
@@ -99,7 +102,7 @@ def cmd_merge(args) -> None:
     loras, full, metadata, described = [], None, [], []
     for text in args.sources:
         path, weight = parse_lora_spec(text)
-        source = load_source(path)
+        source = load_source(path, args.ema)
         metadata.append(source.metadata)
         if isinstance(source, FullWeights):
             if full is not None:
@@ -144,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "comfyui needs it; default: the one recorded by training)")
     export.add_argument("--trigger", help="trigger phrase for the file header (default: data.trigger of the run)")
     export.add_argument("--dtype", choices=DTYPE_CHOICES, default="keep")
+    export.add_argument("--ema", action="store_true", help=EMA_HELP)
     export.set_defaults(run=cmd_export)
 
     inspect = commands.add_parser("inspect", help="show the format, modules, ranks and metadata of a source")
@@ -158,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: keep for hf, bf16 for comfyui")
     merge.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES,
                        help="hf layout: largest shard, e.g. 5GB (default)")
+    merge.add_argument("--ema", action="store_true", help=EMA_HELP + " (for every SOURCE)")
     merge.set_defaults(run=cmd_merge)
 
     stack = commands.add_parser("stack", help="concatenate LoRAs along the rank into one adapter, unmerged")

@@ -5,6 +5,9 @@
     PEFT dir      adapter_config.json + adapter_model.safetensors (the trainer's final adapter/)
     .safetensors  a LoRA in any known key style, or a full state dict under the official model keys
 
+With ``ema``, the averaged weights an ``ema.enabled`` run kept are read instead: a run dir's ``adapter-ema/``,
+else its newest checkpoint's EMA; a step dir's EMA. Other sources hold no average and are refused.
+
 Provenance (base model, steps, trigger phrase, targets) is taken from meta.json, adapter_config.json and the
 run's resolved config.toml, and travels into the headers of every exported file.
 """
@@ -24,6 +27,7 @@ from hidream_ft.lora import (
 from hidream_ft.lora.formats import META, PEFT_CONFIG
 from hidream_ft.lora.keys import is_lora_key
 from hidream_ft.model.safetensors_io import open_safetensors
+from hidream_ft.optim.ema import EMA_ADAPTER_DIR
 
 RUN_CONFIG = "config.toml"
 MODEL_KEY_ROOTS = ("model.", "lm_head.")  # a state dict under the official keys: full weights, not a LoRA
@@ -80,15 +84,15 @@ def _run_info(run_dir: Path) -> dict[str, str]:
     return {META + k: str(v) for k, v in info.items() if v not in (None, "")}
 
 
-def _read_step_dir(step_dir: Path) -> LoraAdapter | FullWeights:
-    from hidream_ft.runtime.checkpoint import load_model_state
+def _read_step_dir(step_dir: Path, ema: bool) -> LoraAdapter | FullWeights:
+    from hidream_ft.runtime.checkpoint import EMA_WEIGHTS, load_model_state
 
     try:
         meta = json.loads((step_dir / STEP_META).read_text())
     except json.JSONDecodeError as e:
         raise ConvertError(f"{step_dir / STEP_META}: invalid JSON: {e}") from None
     try:
-        state = load_model_state(step_dir)
+        state = load_model_state(step_dir, EMA_WEIGHTS if ema else "model")
     except FileNotFoundError as e:
         raise ConvertError(str(e)) from None
     info = _run_info(step_dir.parent.parent)
@@ -96,6 +100,8 @@ def _read_step_dir(step_dir: Path) -> LoraAdapter | FullWeights:
     if meta.get("model_path"):
         info[META + "base_model"] = str(meta["model_path"])
     mode = meta.get("mode")
+    if ema:
+        info[META + "ema"] = "true"
     if mode == "full":
         return FullWeights(TensorSource(state), info)
     if mode != "lora":
@@ -113,11 +119,14 @@ def _read_step_dir(step_dir: Path) -> LoraAdapter | FullWeights:
     return adapter
 
 
-def load_source(path: str | Path) -> LoraAdapter | FullWeights:
-    """Read any supported input (see the module docstring)."""
+def load_source(path: str | Path, ema: bool = False) -> LoraAdapter | FullWeights:
+    """Read any supported input (see the module docstring); with ``ema``, its averaged weights."""
     from hidream_ft.runtime.checkpoint import complete_checkpoints
 
     path = Path(path)
+    if ema and not (path / STEP_META).is_file() and not (path / "checkpoints").is_dir():
+        raise ConvertError(f"{path}: --ema reads a training run directory or a checkpoints/step-N folder; this "
+                           "source holds no EMA weights")
     if path.is_file():
         if path.suffix == ".safetensors":
             with open_safetensors(path) as f:
@@ -132,17 +141,18 @@ def load_source(path: str | Path) -> LoraAdapter | FullWeights:
         adapter.metadata = {**_run_info(path.parent), **adapter.metadata}
         return adapter
     if (path / STEP_META).is_file():
-        return _read_step_dir(path)
-    if (path / "adapter" / PEFT_CONFIG).is_file():
-        return load_source(path / "adapter")
+        return _read_step_dir(path, ema)
+    adapter = path / (EMA_ADAPTER_DIR if ema else "adapter")
+    if (adapter / PEFT_CONFIG).is_file():
+        return load_source(adapter)
     checkpoints = complete_checkpoints(path / "checkpoints")
     if checkpoints:
-        return load_source(checkpoints[-1])
+        return load_source(checkpoints[-1], ema)
     raise ConvertError(f"{path}: not a training run, checkpoint, PEFT adapter directory or .safetensors file")
 
 
-def load_adapter(path: str | Path) -> LoraAdapter:
-    source = load_source(path)
+def load_adapter(path: str | Path, ema: bool = False) -> LoraAdapter:
+    source = load_source(path, ema)
     if isinstance(source, FullWeights):
         raise ConvertError(f"{path} holds full model weights, not a LoRA; merge it with `merge` instead")
     return source

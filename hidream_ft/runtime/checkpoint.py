@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ from hidream_ft.runtime.lock import OutputLock
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
+# The checkpoint part that holds an EMA's state ({"weights": {name: average}, "updates": count}), and its weights.
+EMA_PART = "ema"
+EMA_WEIGHTS = "ema.weights"
 
 
 def step_dir_name(step: int) -> str:
@@ -119,11 +123,13 @@ class CheckpointMismatch(UserError):
     """A checkpoint saved with other model settings than those of the run that resumes it."""
 
 
-def saved_model_tensors(step_dir: str | Path) -> dict[str, TensorStorageMetadata]:
-    """The model tensors a checkpoint holds, by name without the ``model.`` prefix, with their global metadata."""
+def saved_model_tensors(step_dir: str | Path, part: str = "model") -> dict[str, TensorStorageMetadata]:
+    """The tensors of ``part`` (``model``, or :data:`EMA_WEIGHTS`) a checkpoint holds, by name without
+    the part's prefix, with their global metadata."""
     items = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata.items()
-    return {key[len("model."):]: item for key, item in items
-            if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
+    prefix = f"{part}."
+    return {key[len(prefix):]: item for key, item in items
+            if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
 
 
 def check_model_matches(path: Path, model_state: dict[str, Any]) -> None:
@@ -204,11 +210,12 @@ class Checkpointer:
         # (loaded from the base model, not the checkpoint) stay out of the LoRA state.
         self.load_options = StateDictOptions(ignore_frozen_params=trainable_only, strict=False)
 
-    def save(self, step: int, model, optimizer, scheduler, data_state: Any, meta: dict) -> Path:
-        """Write the checkpoint of ``step`` atomically; a full disk is a :class:`CheckpointWriteError` that leaves
-        the previous complete checkpoints as they were and removes the partial one."""
+    def save(self, step: int, model, optimizer, scheduler, data_state: Any, meta: dict, ema=None) -> Path:
+        """Write the checkpoint of ``step`` atomically, with ``ema`` (a :class:`hidream_ft.optim.ema.ParamEma`)
+        when given; a full disk is a :class:`CheckpointWriteError` that leaves the previous complete checkpoints
+        as they were and removes the partial one."""
         try:
-            return self._write(step, model, optimizer, scheduler, data_state, meta)
+            return self._write(step, model, optimizer, scheduler, data_state, meta, ema)
         except BaseException as e:  # DCP reports the ranks' failures as a CheckpointException(BaseException)
             if not _disk_full(e):
                 raise
@@ -220,7 +227,7 @@ class Checkpointer:
                                        f"step {step}; {last}. Free space (or raise the quota), then run the same "
                                        f"command again to resume") from None
 
-    def _write(self, step: int, model, optimizer, scheduler, data_state: Any, meta: dict) -> Path:
+    def _write(self, step: int, model, optimizer, scheduler, data_state: Any, meta: dict, ema) -> Path:
         final = self.root / step_dir_name(step)
         tmp = self.root / f".{step_dir_name(step)}.tmp"
         if self.rank == 0:
@@ -229,7 +236,10 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         dist.barrier()
         model_state, optim_state = get_state_dict(model, optimizer, options=self.options)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+        state = {"model": model_state, "optim": optim_state}
+        if ema is not None:
+            state[EMA_PART] = ema.state_dict()
+        dcp.save(state, checkpoint_id=tmp)
         _save_rank_state(_rank_file(tmp, self.rank), data_state)
         dist.barrier()
         if self.rank == 0:
@@ -250,17 +260,26 @@ class Checkpointer:
         if self.lock is not None:
             self.lock.ensure_held()
 
-    def load(self, path: Path, model, optimizer, scheduler) -> tuple[int, Any]:
+    def load(self, path: Path, model, optimizer, scheduler, ema=None) -> tuple[int, Any]:
         """Restore everything; returns (step, data state). Resharding (other world size) is supported:
-        RNG and data states then come from rank 0's file, re-seeded per rank by the caller's data pipeline."""
+        RNG and data states then come from rank 0's file, re-seeded per rank by the caller's data pipeline.
+        A checkpoint saved without an EMA starts ``ema`` (a :class:`hidream_ft.optim.ema.ParamEma`) from the
+        restored weights, with a warning."""
         meta = json.loads((path / "meta.json").read_text())
         model_state, optim_state = get_state_dict(model, optimizer, options=self.options)
         check_model_matches(path, model_state)
         read_fp32_moments_where_saved(path, optim_state)
         state = {"model": model_state, "optim": optim_state}
+        ema_saved = ema is not None and bool(saved_model_tensors(path, EMA_WEIGHTS))
+        if ema_saved:
+            state[EMA_PART] = ema.state_dict()  # loaded in place
         dcp.load(state, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=self.load_options)
+        if ema is not None and not ema_saved:
+            ema.restart()
+            if self.rank == 0:
+                print(f"warning: {path} holds no EMA; the average starts from its weights", file=sys.stderr)
         scheduler.load_state_dict(meta["scheduler"])
         same_world = meta["world_size"] == self.world_size
         rng, data_state = _load_rank_state(path, self.rank if same_world else 0)
@@ -269,8 +288,9 @@ class Checkpointer:
         return meta["step"], data_state
 
 
-def load_model_state(step_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The model part of a checkpoint as full CPU tensors, in one process (no process group needed).
+def load_model_state(step_dir: str | Path, part: str = "model") -> dict[str, torch.Tensor]:
+    """The model part of a checkpoint (or with ``part =`` :data:`EMA_WEIGHTS` its averaged weights) as full CPU
+    tensors, in one process (no process group needed).
 
     Keys are those of the trained module: PEFT names (``base_model.model.…lora_A.default.weight``) in LoRA
     mode, plain HiDreamO1 names (``model.language_model.…``) in full mode.
@@ -278,7 +298,9 @@ def load_model_state(step_dir: str | Path) -> dict[str, torch.Tensor]:
     step_dir = Path(step_dir)
     if not (step_dir / MARKER).is_file():
         raise UserError(f"{step_dir}: not a complete checkpoint (no {MARKER} marker)")
-    state = {f"model.{key}": torch.empty(item.size, dtype=item.properties.dtype)
-             for key, item in saved_model_tensors(step_dir).items()}
+    saved = saved_model_tensors(step_dir, part)
+    if part == EMA_WEIGHTS and not saved:
+        raise UserError(f"{step_dir}: holds no EMA weights (trained without ema.enabled)")
+    state = {f"{part}.{key}": torch.empty(item.size, dtype=item.properties.dtype) for key, item in saved.items()}
     dcp.load(state, checkpoint_id=step_dir, no_dist=True)
-    return {key[len("model."):]: value for key, value in state.items()}
+    return {key[len(part) + 1:]: value for key, value in state.items()}

@@ -21,6 +21,14 @@ from hidream_ft.parallel.distributed import shutdown
 from hidream_ft.preservation import preservation_prompts
 
 
+def sha256_of(tensors: dict) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def main() -> None:
     parser = training_worker_arguments()
     parser.add_argument("--save-at", type=int, default=0)
@@ -42,14 +50,14 @@ def main() -> None:
                         for p in trainer.model.parameters() if not p.requires_grad)
     state = get_model_state_dict(trainer.model, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    # Gathered (a collective) on every rank.
+    ema = {} if trainer.ema is None else {
+        name: average.full_tensor() if isinstance(average, DTensor) else average
+        for name, average in trainer.ema.averages.items()}
     if env.is_main:
-        digest = hashlib.sha256()
-        for key in sorted(state):
-            digest.update(key.encode())
-            digest.update(state[key].float().numpy().tobytes())
         params = {k: v.float().flatten()[:64].tolist() for k, v in sorted(state.items())}
         with open(args.out, "w") as f:
-            json.dump({"losses": losses, "digest": digest.hexdigest(), "params": params,
+            json.dump({"losses": losses, "digest": sha256_of(state), "ema_digest": sha256_of(ema), "params": params,
                        "world_size": env.world_size, "skipped": trainer.skipped_total,
                        "frozen_shards": frozen_shards}, f)
     dist.barrier()
