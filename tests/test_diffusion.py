@@ -85,8 +85,10 @@ def test_x0_loss_is_mse_over_target_tokens():
     assert diffusion_loss(pred, x0, sigmas, token_mask=mask).item() == pytest.approx((1 + 4) / 2)
     weights = torch.tensor([3.0, 1.0])
     assert diffusion_loss(pred, x0, sigmas, token_mask=mask, sample_weights=weights).item() == pytest.approx(
-        (3 * 1 + 4) / 4
+        (3 * 1 + 4) / 2
     )
+    alone = diffusion_loss(pred[:1], x0[:1], sigmas[:1], token_mask=mask[:1], sample_weights=weights[:1])
+    assert alone.item() == pytest.approx(3 * 1)  # a weight counts even in a micro-batch of one
 
 
 def test_velocity_loss_weights_by_inverse_sigma_squared_with_a_floor():

@@ -1,6 +1,7 @@
 """Preserving the base model: regularization images mixed in at a ratio with their own loss weight, and LoRA
 prior preservation against the model with its adapter disabled."""
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -96,7 +97,9 @@ def test_regularization_samples_weigh_their_loss(tmp_path, packed, tiny_model, c
     with torch.no_grad():
         alone = torch.stack([compute_loss(tiny_model, collator([s]), diffusion) for s in pair])
         mixed = compute_loss(tiny_model, collator(PackedSamples(pair, 1024) if packed else pair), diffusion)
-    torch.testing.assert_close(mixed, (alone[0] + 0.25 * alone[1]) / 1.25, rtol=0, atol=1e-6)
+        unweighted = compute_loss(tiny_model, collator([dataclasses.replace(regular, weight=1.0)]), diffusion)
+    torch.testing.assert_close(alone[1], 0.25 * unweighted, rtol=0, atol=1e-6)  # even alone in its batch
+    torch.testing.assert_close(mixed, (alone[0] + alone[1]) / 2, rtol=0, atol=1e-6)
 
 
 PROMPTS = ["a photo of a dog", "a city street at night", "a bowl of fruit on a table"]

@@ -103,7 +103,7 @@ def diffusion_loss(
     loss is then Σ w·err / Σ w (the data pipeline leaves out samples whose weights are all 0);
     ``token_counts`` says that x_pred and x0 are [Σ counts, D], the tokens of samples of different sizes one
     after the other (a packed row); ``kind="velocity"`` weights each sample by 1/max(σ, floor)², the loss on
-    v = (x - z)/σ.
+    v = (x - z)/σ; ``sample_weights`` [B] multiply each sample's loss before the mean over samples.
     """
     err = (x_pred.float() - x0.float()).pow(2).mean(dim=-1)  # [B, N], or [Σ counts] when packed
     if token_counts is not None and token_weights is not None:
@@ -126,5 +126,6 @@ def diffusion_loss(
     elif kind != "x0":
         raise ValueError(f"unknown loss kind {kind!r}; expected 'x0' or 'velocity'")
     if sample_weights is not None:
-        return (per_sample * sample_weights.float()).sum() / sample_weights.float().sum().clamp_min(1e-12)
+        # A weight scales its sample's loss (and gradient) whatever else is in the micro-batch, even alone.
+        per_sample = per_sample * sample_weights.float()
     return per_sample.mean()
