@@ -6,13 +6,13 @@ from hidream_ft.config.toml import ConfigError, build_table, parse_literal, read
 from hidream_ft.config.training import (
     AttentionKind, CheckpointConfig, Config, DataConfig, DataStage, DiffusionConfig, FolderSource, FullConfig,
     LoggingConfig, LoraConfig, ModelConfig, ModelDtype, OptimConfig, ParallelConfig, TrainConfig, ValidationConfig,
-    check_buckets, load_config, to_dict, to_toml,
+    PerceptualConfig, check_buckets, load_config, to_dict, to_toml,
 )
 
 __all__ = [
     "AttentionKind", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DataStage", "DiffusionConfig",
     "FolderSource", "FullConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "ModelDtype", "OptimConfig",
-    "ParallelConfig", "RECIPES", "SamplingSettings", "SlurmConfig", "TrainConfig", "ValidationConfig", "build_table",
+    "ParallelConfig", "PerceptualConfig", "RECIPES", "SamplingSettings", "SlurmConfig", "TrainConfig", "ValidationConfig", "build_table",
     "check_buckets", "load_config", "parse_literal", "read_toml", "to_dict", "to_toml", "toml_literal",
     "write_toml",
 ]
