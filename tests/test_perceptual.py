@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 from transformers import Dinov2Config, Dinov2Model
 
 from helpers import make_trainer, noise_samples, quantized_pixels, tensorboard_scalars
+from hidream_ft import bench
 from hidream_ft.config import ConfigError, load_config
 from hidream_ft.data import Sample
 from hidream_ft.data.collate import TextToImageCollator, TrainCollator
@@ -280,7 +281,6 @@ def test_off_by_default():
 
 def test_a_trainer_with_both_terms_trains_and_reads_them_only_on_logging_steps(tiny_checkpoint, tmp_path,
                                                                                dino_path, lpips_path):
-    from test_step import CountOps
     trainer = make_trainer(tiny_checkpoint, tmp_path, f"perceptual.dino_path='{dino_path}'",
                            "perceptual.dino_weight=0.5", f"perceptual.lpips_path='{lpips_path}'",
                            "perceptual.lpips_weight=1.0", "perceptual.resolution=64")
@@ -291,9 +291,9 @@ def test_a_trainer_with_both_terms_trains_and_reads_them_only_on_logging_steps(t
     assert readings[-1]["terms"]["lpips"] < readings[0]["terms"]["lpips"]
     for net in trainer.perceptual.nets.values():
         assert all(p.grad is None and not p.requires_grad for p in net.parameters())
-    with CountOps() as quiet:
+    with bench.host_syncs() as quiet:
         stats = trainer.step([batch], read=False)
-    assert quiet.host_reads == 0 and all(isinstance(v, torch.Tensor) for v in stats["terms"].values())
+    assert quiet.count == 0 and all(isinstance(v, torch.Tensor) for v in stats["terms"].values())
 
 
 def test_a_run_logs_each_term(tmp_path, dino_path, lpips_path):
@@ -305,3 +305,16 @@ def test_a_run_logs_each_term(tmp_path, dino_path, lpips_path):
     for name in ("dino", "lpips"):
         logged = tensorboard_scalars(tmp_path / "out", f"train/{name}_loss")
         assert sorted(logged) == [1, 2] and all(value > 0 for value in logged.values())
+
+
+def test_the_benchmark_counts_the_lpips_flops_of_its_alexnet_taps(capsys):
+    bench.run(bench.parse_args(["--shape", "tiny", "--size", "64", "--batch", "1", "--steps", "1", "--warmup", "0",
+                                "--perceptual", "lpips", "--counts"]))
+    printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
+    # AlexNet's five convolutions at 224² (outputs 55², 27², 13², 13², 13²), 2 FLOPs per multiply-add; run
+    # forward on the prediction and the target and backward into the prediction: three times.
+    convolutions = [(55 * 55, 64, 3 * 11 * 11), (27 * 27, 192, 64 * 25), (13 * 13, 384, 192 * 9),
+                    (13 * 13, 256, 384 * 9), (13 * 13, 256, 256 * 9)]
+    expected = 3 * sum(2 * pixels * out * fan_in for pixels, out, fan_in in convolutions) / 1e9
+    assert float(printed["perceptual GFLOPs per step (fwd+bwd)"]) == pytest.approx(expected, rel=0.01)
+    assert printed["host syncs per step"] == "0"
