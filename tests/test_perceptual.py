@@ -4,7 +4,7 @@ averaging, packed rows, and a trainer that adds them to the loss."""
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import Dinov2Config, Dinov2Model
+from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model
 
 from helpers import make_trainer, noise_samples, quantized_pixels, tensorboard_scalars
 from hidream_ft import bench
@@ -87,6 +87,20 @@ def test_dino_patch_mean_is_appended_after_the_cls_token(dino_path, dino):
                                          / torch.tensor([0.229, 0.224, 0.225])[:, None, None])).last_hidden_state
     expected = torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)
     torch.testing.assert_close(embedding, torch.nn.functional.normalize(expected, dim=-1))
+
+
+def test_dinov3_patch_mean_leaves_out_the_register_tokens(tmp_path):
+    torch.manual_seed(0)
+    DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                   patch_size=8, image_size=32, num_register_tokens=4)).save_pretrained(tmp_path)
+    features = DinoFeatures.load(tmp_path, resolution=64, with_patch_mean=True)
+    x = images(2, height=48, width=80)
+    pixels = (((square_resize(x, 64) + 1) / 2 - torch.tensor([0.485, 0.456, 0.406])[:, None, None])
+              / torch.tensor([0.229, 0.224, 0.225])[:, None, None])
+    tokens = features.backbone(pixel_values=pixels).last_hidden_state
+    assert tokens.shape[1] == 1 + 4 + 64
+    expected = torch.cat([tokens[:, 0], tokens[:, 5:].mean(dim=1)], dim=-1)
+    torch.testing.assert_close(features.embed(x), torch.nn.functional.normalize(expected, dim=-1))
 
 
 def test_dino_loss_is_zero_for_identical_images_and_positive_otherwise(dino):
