@@ -1,12 +1,14 @@
 """Perceptual losses on the predicted image: frozen DINO embeddings and LPIPS, their σ-range masking and sample
 averaging, packed rows, and a trainer that adds them to the loss."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model
 
-from helpers import make_trainer, noise_samples, quantized_pixels, tensorboard_scalars
+from helpers import WORKERS, make_trainer, noise_samples, quantized_pixels, run_python, set_flags, tensorboard_scalars
 from hidream_ft import bench
 from hidream_ft.config import ConfigError, load_config
 from hidream_ft.data import Sample
@@ -308,6 +310,26 @@ def test_a_trainer_with_both_terms_trains_and_reads_them_only_on_logging_steps(t
     with bench.host_syncs() as quiet:
         stats = trainer.step([batch], read=False)
     assert quiet.count == 0 and all(isinstance(v, torch.Tensor) for v in stats["terms"].values())
+
+
+@pytest.mark.distributed
+def test_two_ranks_give_the_perceptual_terms_of_one_rank_on_the_same_global_batch(tiny_checkpoint, tmp_path,
+                                                                                 dino_path, lpips_path):
+    flags = set_flags(f"perceptual.dino_path='{dino_path}'", "perceptual.dino_weight=0.5",
+                      f"perceptual.lpips_path='{lpips_path}'", "perceptual.lpips_weight=1.0",
+                      "perceptual.resolution=64", "perceptual.sigma_max=0.7")
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"{nproc}.json"
+        run_python(WORKERS / "fixed_batches.py", tiny_checkpoint, tmp_path / f"run{nproc}", out, 2, *flags,
+                   nproc=nproc)
+        results[nproc] = json.loads(out.read_text())
+    one, two = results[1], results[2]
+    assert set(one["terms"]["1"]) == {"dino", "lpips"}
+    for step in one["losses"]:
+        assert two["losses"][step] == pytest.approx(one["losses"][step], rel=1e-5, abs=1e-6)
+        for name, value in one["terms"][step].items():
+            assert two["terms"][step][name] == pytest.approx(value, rel=1e-4, abs=1e-6)
 
 
 def test_a_run_logs_each_term(tmp_path, dino_path, lpips_path):
