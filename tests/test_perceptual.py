@@ -165,6 +165,12 @@ def test_lpips_refuses_a_file_of_another_layout_or_negative_weights(tmp_path, lp
         LPIPS.load(tmp_path / "negative.pth")
     with pytest.raises(PerceptualWeightsError, match="no such file"):
         LPIPS.load(tmp_path / "missing.pth")
+    (tmp_path / "truncated.pth").write_bytes(lpips_path.read_bytes()[:1000])
+    with pytest.raises(PerceptualWeightsError, match="cannot be read as a torch file"):
+        LPIPS.load(tmp_path / "truncated.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(PerceptualWeightsError, match="not a state dict of tensors"):
+        LPIPS.load(tmp_path / "list.pth")
 
 
 # -- both networks ---------------------------------------------------------------------------------------------

@@ -10,14 +10,15 @@ calibration (index 0 of that sequence is a weightless dropout).
 
 from __future__ import annotations
 
+import pickle
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from hidream_ft.model.safetensors_io import read_safetensors
 from hidream_ft.perceptual.errors import PerceptualWeightsError
 from hidream_ft.perceptual.images import square_resize
 
@@ -183,14 +184,18 @@ class LPIPS(nn.Module):
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file, or a torch file read without running any code it may hold (``weights_only``)."""
     if not path.is_file():
         raise PerceptualWeightsError(f"LPIPS weights {path}: no such file")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
     try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unreadable file: a truncated download, a pickle with code, not a state dict
-        raise PerceptualWeightsError(f"LPIPS weights {path}: cannot be read ({error})") from error
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise PerceptualWeightsError(f"LPIPS weights {path}: cannot be read as a torch file ({error})") from error
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise PerceptualWeightsError(f"LPIPS weights {path}: not a state dict of tensors")
+    return state
 
 
 def lpips_loss(metric: LPIPS, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
