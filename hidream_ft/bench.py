@@ -2,7 +2,7 @@
 
     python -m hidream_ft.bench --mode lora --size 1024 --batch 1 --steps 10 [--ac none|full|selective|op]
         [--compile] [--optim adamw|adamw8bit] [--attention auto|dense|split|flex] [--shape 8b|tiny]
-        [--set KEY=VALUE ...] [--profile DIR] [--counts]
+        [--set KEY=VALUE ...] [--profile DIR] [--counts] [--perceptual none|dino|lpips|both]
     python -m hidream_ft.bench --size 512[,1024 ...] --max-tokens 4608 ...    # one packed row per rank
     torchrun --nproc_per_node 8 -m hidream_ft.bench ...        # sharded; images/s and tokens/s are global
 
@@ -18,6 +18,8 @@ step, as a batch from the data loader is. Steps after ``--warmup`` are timed one
 with N the decoder parameters without the embedding (6.95e9 at 8B), L layers, d hidden size, S_i the sequence
 length of sample i (a packed row's padding counts nowhere) and a peak of 989 TFLOP/s (H100 dense bf16). The convention counts 6·N for LoRA too and ignores activation
 recomputation, so it compares recipes, not hardware utilisation. ``--shape tiny`` runs the same path on CPU.
+``--perceptual`` adds the perceptual loss terms with random weights of the real networks' shapes (DINOv2-B/14,
+LPIPS-AlexNet) at the default 224² resolution; ``--counts`` then also gives their FLOPs and time alone.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ import torch
 from torch._dynamo.utils import counters
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import Dinov2Config, Dinov2Model
 
 from hidream_ft.trainer import Trainer
 from hidream_ft.cli import entry_point, int_at_least
@@ -55,6 +59,7 @@ from hidream_ft.model.loading import load_model
 from hidream_ft.testing.tiny import preprocessor_config, tiny_config_dict, tiny_tokenizer
 from hidream_ft.parallel.distributed import init_distributed, shutdown
 from hidream_ft.parallel.fsdp import compile_enabled
+from hidream_ft.perceptual.lpips import LPIPS
 
 H100_BF16_PEAK_TFLOPS = 989.0
 
@@ -73,6 +78,10 @@ SHAPES = {
     },
     "tiny": {"text_config": {}, "vision_config": {}},
 }
+
+# facebook/dinov2-base: ViT-B/14.
+DINO_BASE_SHAPE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+                   "patch_size": 14, "image_size": 518}
 
 CAPTION_WORDS = "a photo of a red circle on a blue background with a yellow triangle over a gradient".split()
 
@@ -142,6 +151,21 @@ def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
 def random_weights_loader(seed: int):
     """``hidream_ft.model.loading.load_model`` with random weights: it reads no weight files."""
     return functools.partial(load_model, fill=lambda model: randomize_parameters(model, seed))
+
+
+def write_perceptual_nets(out: Path, terms: str) -> list[str]:
+    """Random-weight perceptual networks of the real shapes under ``out``; the config overrides that use them."""
+    overrides = []
+    if terms in ("dino", "both"):
+        torch.manual_seed(0)
+        Dinov2Model(Dinov2Config(**DINO_BASE_SHAPE)).save_pretrained(out / "dino")
+        overrides += [f"perceptual.dino_path={toml_literal(str(out / 'dino'))}", "perceptual.dino_weight=1.0"]
+    if terms in ("lpips", "both"):
+        # The calibration weights of a real file are non-negative, and loading checks it.
+        state = {key: value.abs() if key.startswith("lin") else value for key, value in LPIPS("alex").state_dict().items()}
+        torch.save(state, out / "lpips.pth")
+        overrides += [f"perceptual.lpips_path={toml_literal(str(out / 'lpips.pth'))}", "perceptual.lpips_weight=1.0"]
+    return overrides
 
 
 def build_trainer(cfg, env) -> Trainer:
@@ -359,6 +383,32 @@ def proxy_counts(trainer: Trainer, batch, graphs_before_timing: int) -> dict[str
     }
 
 
+def perceptual_counts(trainer: Trainer, batch, steps: int) -> dict[str, float]:
+    """The perceptual terms alone on the batch's images, forward and backward into a stand-in prediction: their
+    FLOPs (torch's FLOP counter: convolutions, matmuls, attention) and the median seconds of ``steps`` runs."""
+    device = trainer.env.device
+    batch = batch.to(device)
+    x0 = batch.x0
+    prediction = (x0 + 0.1 * torch.randn_like(x0)).requires_grad_(True)
+    sigmas = torch.full((batch.size,), 0.5, device=device)
+
+    def terms_forward_backward():
+        trainer.perceptual(prediction, x0, sigmas, batch.layout.target_grids, batch.packed_target_counts,
+                           batch.weights).backward()
+        trainer.perceptual.take_sums()
+
+    flops = FlopCounterMode(display=False)
+    with flops:
+        terms_forward_backward()
+    timer = StepTimer(device)
+    timer.mark()
+    for _ in range(steps):
+        terms_forward_backward()
+        timer.mark()
+    return {"perceptual GFLOPs per step (fwd+bwd)": round(flops.get_total_flops() / 1e9, 1),
+            "perceptual s per step (median)": round(statistics.median(timer.seconds()), 4)}
+
+
 def table_row(args: argparse.Namespace, world: int, result: Measurement, device: torch.device, compiled: bool) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     mfu_text = "n/a" if result.mfu is None else f"{100 * result.mfu:.1f}"
@@ -414,6 +464,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="write a torch profiler trace of the timed steps to DIR/trace-rank<r>.json")
     parser.add_argument("--counts", action="store_true",
                         help="also print the CPU proxy counts (ops per layer, host syncs, recompiles, graph breaks)")
+    parser.add_argument("--perceptual", choices=["none", "dino", "lpips", "both"], default="none",
+                        help="add the perceptual loss terms (random-weight DINOv2-B/14 and LPIPS-AlexNet)")
     args = parser.parse_args(argv)
     if args.max_tokens:
         if args.attention == "split":
@@ -443,7 +495,8 @@ def run(args: argparse.Namespace) -> str:
     env = init_distributed()
     with tempfile.TemporaryDirectory(prefix="hidream-bench-") as tmp:
         shape_dir = write_shape_dir(Path(tmp), args.shape)
-        cfg = load_config(None, config_overrides(args, shape_dir, Path(tmp) / "run"))
+        perceptual = write_perceptual_nets(Path(tmp), args.perceptual) if args.perceptual != "none" else []
+        cfg = load_config(None, [*config_overrides(args, shape_dir, Path(tmp) / "run"), *perceptual])
         trainer = build_trainer(cfg, env)
         if args.max_tokens:
             processor = ConditionProcessor.from_pretrained(shape_dir)
@@ -454,6 +507,8 @@ def run(args: argparse.Namespace) -> str:
             batch = batch.pin_memory()  # as the data loader hands it over: each step copies it asynchronously
         result = measure(trainer, batch, args.steps, args.warmup, args.peak_tflops, args.profile)
         counts = proxy_counts(trainer, batch, result.graphs_before_timing) if args.counts else {}
+        if args.counts and trainer.perceptual:
+            counts.update(perceptual_counts(trainer, batch, args.steps))
     row = table_row(args, env.world_size, result, env.device, compile_enabled(cfg.parallel.compile, env.device.type))
     if env.is_main:
         print(row if args.no_header else f"{HEADER}\n{row}", flush=True)

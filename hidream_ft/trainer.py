@@ -41,6 +41,7 @@ from hidream_ft.runtime.checkpoint import Checkpointer, resolve_resume
 from hidream_ft.runtime.lock import OutputLock, lock_output_folder
 from hidream_ft.parallel.distributed import DistEnv, build_mesh, init_distributed
 from hidream_ft.parallel.fsdp import parallelize
+from hidream_ft.perceptual.loss import PerceptualLoss
 from hidream_ft.preservation import preservation_loss, preservation_prompts
 from hidream_ft.runtime.preemption import PreemptionHandler
 
@@ -143,15 +144,21 @@ def build_model(cfg: Config, env: DistEnv, tokenizer, load=load_model):
     return model, model
 
 
-def compute_loss(model, batch: TrainBatch, diffusion: DiffusionConfig) -> torch.Tensor:
-    """One micro-batch: draw σ and ε, noise the target, predict x0, MSE on the target tokens."""
+def compute_loss(model, batch: TrainBatch, diffusion: DiffusionConfig,
+                 perceptual: PerceptualLoss | None = None) -> torch.Tensor:
+    """One micro-batch: draw σ and ε, noise the target, predict x0, MSE on the target tokens, plus the weighted
+    perceptual terms on the predicted images when ``perceptual`` is given."""
     x0 = batch.x0
     counts = batch.packed_target_counts
     z, sigmas, output = batch.noised(diffusion)
     # Only the target is noised and predicted; reference patches (edit / IP) ride along clean.
     x_pred = model(**batch.model_inputs(z), timestep=model_timestep(sigmas), **output)
-    return diffusion_loss(x_pred, x0, sigmas, kind=diffusion.loss, sigma_floor=diffusion.velocity_sigma_floor,
+    loss = diffusion_loss(x_pred, x0, sigmas, kind=diffusion.loss, sigma_floor=diffusion.velocity_sigma_floor,
                           token_weights=batch.token_weights, sample_weights=batch.weights, token_counts=counts)
+    if perceptual is None:
+        return loss
+    return loss + perceptual(x_pred, x0, sigmas, batch.layout.target_grids, counts, batch.weights,
+                             batch.token_weights)
 
 
 class Trainer:
@@ -162,6 +169,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.tokens = SpecialTokens.from_tokenizer(self.tokenizer, load_hf_config(cfg.model.path))
         self.model, self.base = build_model(cfg, env, self.tokenizer, load)
+        # Frozen and small: every rank holds them whole, outside FSDP (docs/quality.md).
+        self.perceptual = PerceptualLoss.from_config(cfg.perceptual, env.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
@@ -209,7 +218,7 @@ class Trainer:
             if isinstance(self.base, FSDPModule):
                 self.base.set_requires_gradient_sync(index == len(micro_batches) - 1)
             batch = batch.to(device)
-            loss = compute_loss(self.model, batch, self.cfg.diffusion)
+            loss = compute_loss(self.model, batch, self.cfg.diffusion, self.perceptual)
             if preserving:  # included in the logged loss
                 loss = loss + preservation.weight * preservation_loss(self.model, batch, self.cfg.diffusion)
             if self.cfg.optim.fused_backward:  # the update runs in backward (one micro-batch, no clipping)
@@ -219,9 +228,13 @@ class Trainer:
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        summed = torch.stack([loss_sum, *(torch.full((), float(value), device=device) for value in sums())])
+        term_sums = self.perceptual.take_sums() if self.perceptual else torch.zeros(0, device=device)
+        summed = torch.stack([loss_sum, *term_sums,
+                              *(torch.full((), float(value), device=device) for value in sums())])
         dist.all_reduce(summed)
         loss = summed[0] / (len(micro_batches) * self.env.world_size)
+        terms = summed[1:1 + len(term_sums)] / (len(micro_batches) * self.env.world_size)
+        votes = summed[1 + len(term_sums):]
         # Both numbers are global (all-reduced), so every rank skips the same steps.
         skip = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
         self.optimizer.found_inf = skip.float()
@@ -234,15 +247,18 @@ class Trainer:
         self.step_index += 1
         if self.ema is not None and self.step_index % self.cfg.ema.every == 0:
             self.ema.update(skip)
-        values = torch.stack([loss, grad_norm.to(loss.dtype), self._skipped_in_a_row.to(loss.dtype), *summed[1:]])
+        values = torch.stack([loss, grad_norm.to(loss.dtype), self._skipped_in_a_row.to(loss.dtype), *votes])
+        names = self.perceptual.names if self.perceptual else []
         self.flush()
         if read:
             reading = self._take(self.step_index, [value.item() for value in values.cpu()])
-            return {"loss": reading.loss, "grad_norm": reading.grad_norm, "lr": lr, "sums": reading.sums}
+            # The host has waited for this step already: reading the terms waits for nothing more.
+            return {"loss": reading.loss, "grad_norm": reading.grad_norm, "lr": lr, "sums": reading.sums,
+                    "terms": dict(zip(names, terms.tolist()))}
         self._unread = (self.step_index, HostCopy(values))
         if not self.lag_reads:
             self.flush()
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "terms": dict(zip(names, terms))}
 
     def flush(self) -> None:
         """Read the values of the step that was left unread (waiting for that step only)."""
@@ -424,6 +440,7 @@ def train_locked(cfg: Config, env: DistEnv, preemption: PreemptionHandler, lock:
                 "train/skipped_steps": trainer.skipped_total, "perf/samples_per_s": samples / elapsed,
                 "perf/tokens_per_s": tokens / elapsed, "perf/step_s": elapsed,
                 "memory/peak_gib": peak_memory_gib(env.device),
+                **{f"train/{name}_loss": value for name, value in stats["terms"].items()},
                 **{f"data/{k}": v for k, v in pipeline.total_stats(env.device).items()},
             })
         if cfg.validation.every and done % cfg.validation.every == 0:

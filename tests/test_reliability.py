@@ -99,10 +99,10 @@ def test_a_signal_caught_during_a_steps_forward_stops_the_run_at_the_end_of_that
     forward = trainer_module.compute_loss
     calls = itertools.count(1)
 
-    def signalled_in_step_two(model, batch, diffusion):
+    def signalled_in_step_two(*args):
         if next(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2, after its votes could have been taken
-        return forward(model, batch, diffusion)
+        return forward(*args)
 
     monkeypatch.setattr(trainer_module, "compute_loss", signalled_in_step_two)
     with pytest.raises(SystemExit) as stopped:

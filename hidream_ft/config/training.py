@@ -430,6 +430,40 @@ class PreservationConfig:
 
 
 @dataclass
+class PerceptualConfig:
+    """Perceptual terms added to the loss, computed on the predicted and target images (docs/quality.md)."""
+
+    dino_path: str = ""  # a transformers DINOv2 / DINOv3 folder
+    dino_weight: float = 0.0
+    lpips_path: str = ""  # one file with the lpips package's state-dict keys (backbone and calibration)
+    lpips_net: Literal["alex", "vgg"] = "alex"
+    lpips_weight: float = 0.0
+    sigma_min: float = 0.0  # the terms apply to samples with σ in [sigma_min, sigma_max]
+    sigma_max: float = 1.0
+    resolution: int = 224  # both networks see the images squashed to this square side
+
+    @property
+    def enabled(self) -> bool:
+        return self.dino_weight > 0 or self.lpips_weight > 0
+
+    def validate(self, where: str) -> None:
+        for name, weight, path, is_there in (("dino", self.dino_weight, self.dino_path, os.path.isdir),
+                                             ("lpips", self.lpips_weight, self.lpips_path, os.path.isfile)):
+            if weight < 0:
+                raise ConfigError(f"{where}.{name}_weight: must be ≥ 0, got {weight}")
+            if weight > 0 and not is_there(path):
+                kind = "folder" if is_there is os.path.isdir else "file"
+                raise ConfigError(f"{where}.{name}_path: {name}_weight = {weight} needs an existing {kind}, "
+                                  f"got {path!r}")
+        if not 0 <= self.sigma_min < self.sigma_max <= 1:
+            raise ConfigError(f"{where}.sigma_min / sigma_max: need 0 ≤ sigma_min < sigma_max ≤ 1, "
+                              f"got {self.sigma_min}, {self.sigma_max}")
+        if self.resolution < 64:
+            raise ConfigError(f"{where}.resolution: must be ≥ 64 (the networks' pooling needs it), "
+                              f"got {self.resolution}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -444,6 +478,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     preservation: PreservationConfig = field(default_factory=PreservationConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     # Parameter grids for launch.submit (dotted key → list of values); the trainer ignores it.
     sweep: dict[str, Any] = field(default_factory=dict)
@@ -473,7 +508,8 @@ def _relative_to_file(table: dict, folder: Path) -> None:
         return value
 
     for section, key in (("model", "path"), ("model", "weights"), ("logging", "output_dir"),
-                         ("checkpoint", "resume"), ("preservation", "prompts_file")):
+                         ("checkpoint", "resume"), ("preservation", "prompts_file"), ("perceptual", "dino_path"),
+                         ("perceptual", "lpips_path")):
         if isinstance(table.get(section), dict) and key in table[section]:
             table[section][key] = rebase(table[section][key])
     validation = table.get("validation")

@@ -55,6 +55,7 @@ class SampleLayout:
     position_ids: torch.Tensor  # [3, L + N]
     token_types: torch.Tensor  # [L + N]: 0 text, 3 tms, 1 target, 2 references
     num_target_tokens: int
+    target_grid: tuple[int, int]  # (rows, columns) of the target's patches
 
 
 def rope_index_fix_point(
@@ -158,7 +159,7 @@ def layout_from_ids(
         torch.full((num_refs,), REFERENCE_TYPE),
     ])
     types[num_text - 1] = TIMESTEP_TYPE
-    return SampleLayout(torch.tensor(ids, dtype=torch.long), positions, types.long(), num_target)
+    return SampleLayout(torch.tensor(ids, dtype=torch.long), positions, types.long(), num_target, target)
 
 
 @dataclass
@@ -170,11 +171,12 @@ class LayoutBatch:
     token_types: torch.Tensor  # [B, T + N]
     attention_mask: torch.Tensor | None  # [B, T + N], None when nothing is padded
     num_target_tokens: int
+    target_grids: list[tuple[int, int]]  # each sample's target patch grid (rows, columns)
 
     def to(self, device: torch.device | str) -> "LayoutBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return LayoutBatch(move(self.input_ids), move(self.position_ids), move(self.token_types),
-                           move(self.attention_mask), self.num_target_tokens)
+                           move(self.attention_mask), self.num_target_tokens, self.target_grids)
 
     def model_inputs(self) -> dict:
         return dict(input_ids=self.input_ids, position_ids=self.position_ids, token_types=self.token_types,
@@ -202,6 +204,7 @@ def collate_layouts(layouts: list[SampleLayout], pad_id: int) -> LayoutBatch:
         token_types=torch.stack(types),
         attention_mask=None if bool(mask.all()) else mask,
         num_target_tokens=targets.pop(),
+        target_grids=[lay.target_grid for lay in layouts],
     )
 
 
@@ -218,12 +221,13 @@ class PackedLayout:
     attention_mask: torch.Tensor | None  # [1, S], None when the samples fill the row
     target_counts: list[int]  # target tokens of each sample, in row order
     image_counts: list[int]  # image slots (target + references) of each sample
+    target_grids: list[tuple[int, int]]  # each sample's target patch grid (rows, columns), in row order
 
     def to(self, device: torch.device | str) -> "PackedLayout":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return PackedLayout(move(self.input_ids), move(self.position_ids), move(self.token_types),
                             move(self.document_ids), move(self.attention_mask), self.target_counts,
-                            self.image_counts)
+                            self.image_counts, self.target_grids)
 
     def model_inputs(self) -> dict:
         return dict(input_ids=self.input_ids, position_ids=self.position_ids, token_types=self.token_types,
@@ -263,4 +267,5 @@ def pack_layouts(layouts: list[SampleLayout], pad_id: int, length: int) -> Packe
         attention_mask=(document_ids >= 0).long() if tail else None,
         target_counts=[lay.num_target_tokens for lay in layouts],
         image_counts=[len(lay.token_types) - len(lay.input_ids) for lay in layouts],
+        target_grids=[lay.target_grid for lay in layouts],
     )

@@ -38,10 +38,11 @@ def main() -> None:
     collate = TrainCollator(trainer.tokenizer, trainer.tokens, 128, ConditionProcessor.from_pretrained(args.checkpoint),
                             preservation_prompts(trainer.cfg.preservation))
     start = trainer.resume()[0] if args.resume else 0
-    losses = {}
+    losses, terms = {}, {}
     for step in range(start, args.steps):
         mine = noise_samples(seed=step, first_noise_seed=step * 100)[env.rank :: env.world_size]
-        losses[step + 1] = trainer.step([collate(mine)])["loss"]
+        stats = trainer.step([collate(mine)])
+        losses[step + 1], terms[step + 1] = stats["loss"], stats["terms"]
         if args.save_at and step + 1 == args.save_at:
             trainer.save_checkpoint(step + 1, {"position": step + 1})
             break
@@ -57,7 +58,7 @@ def main() -> None:
     if env.is_main:
         params = {k: v.float().flatten()[:64].tolist() for k, v in sorted(state.items())}
         with open(args.out, "w") as f:
-            json.dump({"losses": losses, "digest": sha256_of(state), "ema_digest": sha256_of(ema), "params": params,
+            json.dump({"losses": losses, "terms": terms, "digest": sha256_of(state), "ema_digest": sha256_of(ema), "params": params,
                        "world_size": env.world_size, "skipped": trainer.skipped_total,
                        "frozen_shards": frozen_shards}, f)
     dist.barrier()
