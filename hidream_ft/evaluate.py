@@ -1,0 +1,141 @@
+"""Compare the base model and adapters on the same prompts: a comparison grid and a score table
+(docs/quality.md, "Evaluating adapters").
+
+    python -m hidream_ft.evaluate --config evaluate.toml
+    python -m hidream_ft.evaluate --model DIR --prompt "add a hat" --reference dog.png \\
+        --column base --column "style=runs/style" --dino /models/dinov2-base --heldout data/val --out eval/
+        [--target fox.png]        # text-to-image rows: compare with these images too
+
+Writes OUT/grid.png, OUT/scores.csv and OUT/scores.md (one row per column: mean DINO similarity of its
+images to their references, held-out loss, held-out loss per σ) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from hidream_ft.cli import entry_point
+from hidream_ft.config import ConfigError
+from hidream_ft.errors import UserError
+from hidream_ft.inference.grid import GridColumn, compose_grid, grid_rows, sample_cells
+from hidream_ft.model.patches import pixels_from_image, pixels_from_uint8
+from hidream_ft.sample import (GridFile, add_grid_arguments, load_columns, load_for_sampling, open_reference_sets,
+                               resolve_grid, save_png)
+
+
+@dataclass
+class EvaluationFile(GridFile):
+    """The ``--config`` TOML file: a grid file (docs/sampling.md) whose ``out`` is a folder, plus the scorers."""
+
+    out: str = "evaluation"
+    targets: list[str] = field(default_factory=list)  # images the text-to-image rows are compared with
+    dino: str = ""  # DINOv2 / DINOv3 folder; empty: no similarity column
+    heldout: str = ""  # validation image folder; empty: no held-out loss columns
+
+
+@dataclass
+class ColumnScores:
+    """One row of the score table."""
+
+    label: str
+    adapters: str
+    dino_similarity: float | None = None
+    heldout_loss: float | None = None
+    heldout_per_sigma: dict[float, float] = field(default_factory=dict)
+
+
+def mean_similarity(similarities: Sequence[torch.Tensor]) -> float | None:
+    """The mean over every scored image of its mean similarity to its own reference images; None when no image
+    has any."""
+    per_image = [s.double().mean() for s in similarities if s.numel()]
+    return float(torch.stack(per_image).mean()) if per_image else None
+
+
+def table_header(scores: Sequence[ColumnScores]) -> list[str]:
+    sigmas = sorted({sigma for row in scores for sigma in row.heldout_per_sigma})
+    return ["label", "adapters", "dino_similarity", "heldout_loss", *(f"heldout_loss_sigma_{s:.2f}" for s in sigmas)]
+
+
+def table_rows(scores: Sequence[ColumnScores]) -> list[list[str]]:
+    """Each configuration's cells as text; an unmeasured score is empty."""
+    sigmas = sorted({sigma for row in scores for sigma in row.heldout_per_sigma})
+    number = lambda value: "" if value is None else f"{value:.6f}"  # noqa: E731
+    return [[row.label, row.adapters, number(row.dino_similarity), number(row.heldout_loss),
+             *(number(row.heldout_per_sigma.get(s)) for s in sigmas)] for row in scores]
+
+
+def write_csv(scores: Sequence[ColumnScores], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(table_header(scores))
+        writer.writerows(table_rows(scores))
+
+
+def markdown_table(scores: Sequence[ColumnScores]) -> str:
+    header = table_header(scores)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") or "–" for cell in row) + " |" for row in table_rows(scores)]
+    return "\n".join(lines) + "\n"
+
+
+def open_images(paths: Sequence[str], what: str) -> list[Image.Image]:
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except OSError as e:
+            raise UserError(f"{what}: {e}") from None
+    return images
+
+
+def run(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m hidream_ft.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_grid_arguments(parser, "output folder (default: evaluation)")
+    parser.add_argument("--target", action="append", default=[], metavar="IMAGE",
+                        help="an image the text-to-image rows are compared with; repeat for more")
+    parser.add_argument("--dino", metavar="DIR", help="DINOv2 / DINOv3 folder for the similarity scores")
+    parser.add_argument("--heldout", metavar="DIR", help="validation image folder for the held-out loss")
+    args = parser.parse_args(argv)
+    evaluation, settings = resolve_grid(parser, args, EvaluationFile, "evaluation")
+    evaluation.targets = args.target or evaluation.targets
+    evaluation.dino = args.dino or evaluation.dino
+    evaluation.heldout = args.heldout or evaluation.heldout
+    columns = load_columns(evaluation.columns)
+    reference_sets = open_reference_sets(evaluation.references, evaluation.model)
+    targets = open_images(evaluation.targets, "--target")
+    rows = grid_rows(evaluation.prompts, reference_sets)
+    model, tokenizer, tokens, device = load_for_sampling(evaluation.model, evaluation.dtype, evaluation.device or None,
+                                                         args.attention, evaluation.weights or None)
+    cells = sample_cells(model, tokenizer, tokens, rows, columns, settings, device, progress=True)
+    out = Path(evaluation.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"prompts": evaluation.prompts, "references": evaluation.references, "model": evaluation.model,
+              "settings": dataclasses.asdict(settings),
+              "columns": [{"label": c.label, "loras": s.loras} for c, s in zip(columns, evaluation.columns)]}
+    save_png(compose_grid(cells, [row.label for row in rows], [c.label for c in columns]), out / "grid.png", record)
+    scores = [ColumnScores(c.label, ", ".join(s.loras)) for c, s in zip(columns, evaluation.columns)]
+    write_csv(scores, out / "scores.csv")
+    table = markdown_table(scores)
+    (out / "scores.md").write_text(table)
+    print(table, end="")
+    return out
+
+
+@entry_point
+def main(argv: list[str]) -> None:
+    print(run(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
