@@ -1,0 +1,1 @@
+"""Perceptual losses on the predicted image: DINO embeddings and LPIPS, frozen networks."""
