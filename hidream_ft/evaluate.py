@@ -28,6 +28,7 @@ from hidream_ft.config import ConfigError
 from hidream_ft.errors import UserError
 from hidream_ft.inference.grid import GridColumn, compose_grid, grid_rows, sample_cells
 from hidream_ft.model.patches import pixels_from_image, pixels_from_uint8
+from hidream_ft.perceptual.dino import DinoFeatures, dino_similarity
 from hidream_ft.sample import (GridFile, add_grid_arguments, load_columns, load_for_sampling, open_reference_sets,
                                resolve_grid, save_png)
 
@@ -65,10 +66,11 @@ def table_header(scores: Sequence[ColumnScores]) -> list[str]:
     return ["label", "adapters", "dino_similarity", "heldout_loss", *(f"heldout_loss_sigma_{s:.2f}" for s in sigmas)]
 
 
-def table_rows(scores: Sequence[ColumnScores]) -> list[list[str]]:
-    """Each configuration's cells as text; an unmeasured score is empty."""
+def table_rows(scores: Sequence[ColumnScores], digits: int | None = None) -> list[list[str]]:
+    """Each configuration's cells as text, numbers rounded to ``digits`` (None: every digit of the float); an
+    unmeasured score is empty."""
     sigmas = sorted({sigma for row in scores for sigma in row.heldout_per_sigma})
-    number = lambda value: "" if value is None else f"{value:.6f}"  # noqa: E731
+    number = lambda value: "" if value is None else repr(value) if digits is None else f"{value:.{digits}f}"  # noqa: E731
     return [[row.label, row.adapters, number(row.dino_similarity), number(row.heldout_loss),
              *(number(row.heldout_per_sigma.get(s)) for s in sigmas)] for row in scores]
 
@@ -83,8 +85,26 @@ def write_csv(scores: Sequence[ColumnScores], path: Path) -> None:
 def markdown_table(scores: Sequence[ColumnScores]) -> str:
     header = table_header(scores)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") or "–" for cell in row) + " |" for row in table_rows(scores)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") or "–" for cell in row) + " |"
+              for row in table_rows(scores, digits=4)]
     return "\n".join(lines) + "\n"
+
+
+def dino_scores(dino: DinoFeatures, cells: Sequence[Sequence[torch.Tensor]],
+                comparisons: Sequence[Sequence[Image.Image]], device: torch.device) -> list[float | None]:
+    """Per column: :func:`mean_similarity` of its images (``cells[row][column]``, uint8) to their row's
+    comparison images (its references, or the targets for a text-to-image row)."""
+    with torch.no_grad():
+        embedded = [torch.cat([dino.embed(pixels_from_image(image)[None].to(device)) for image in images])
+                    if images else None for images in comparisons]
+        similarities: list[list[torch.Tensor]] = [[] for _ in cells[0]]
+        for row, references in zip(cells, embedded):
+            if references is None:
+                continue
+            for column, cell in enumerate(row):
+                image = dino.embed(pixels_from_uint8(cell)[None].to(device))
+                similarities[column].append(dino_similarity(image.expand_as(references), references).cpu())
+    return [mean_similarity(column) for column in similarities]
 
 
 def open_images(paths: Sequence[str], what: str) -> list[Image.Image]:
@@ -111,12 +131,15 @@ def run(argv: list[str]) -> Path:
     evaluation.targets = args.target or evaluation.targets
     evaluation.dino = args.dino or evaluation.dino
     evaluation.heldout = args.heldout or evaluation.heldout
+    if evaluation.targets and not evaluation.dino:
+        raise ConfigError("evaluation.targets: comparing with target images needs a DINO model (dino / --dino)")
     columns = load_columns(evaluation.columns)
     reference_sets = open_reference_sets(evaluation.references, evaluation.model)
     targets = open_images(evaluation.targets, "--target")
     rows = grid_rows(evaluation.prompts, reference_sets)
     model, tokenizer, tokens, device = load_for_sampling(evaluation.model, evaluation.dtype, evaluation.device or None,
                                                          args.attention, evaluation.weights or None)
+    dino = DinoFeatures.load(evaluation.dino, device=device) if evaluation.dino else None
     cells = sample_cells(model, tokenizer, tokens, rows, columns, settings, device, progress=True)
     out = Path(evaluation.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +148,10 @@ def run(argv: list[str]) -> Path:
               "columns": [{"label": c.label, "loras": s.loras} for c, s in zip(columns, evaluation.columns)]}
     save_png(compose_grid(cells, [row.label for row in rows], [c.label for c in columns]), out / "grid.png", record)
     scores = [ColumnScores(c.label, ", ".join(s.loras)) for c, s in zip(columns, evaluation.columns)]
+    if dino is not None:
+        comparisons = [row.references.images if row.references else targets for row in rows]
+        for row, similarity in zip(scores, dino_scores(dino, cells, comparisons, device)):
+            row.dino_similarity = similarity
     write_csv(scores, out / "scores.csv")
     table = markdown_table(scores)
     (out / "scores.md").write_text(table)
