@@ -20,10 +20,12 @@ from hidream_ft.config import Config, ConfigError, DiffusionConfig, to_toml
 from hidream_ft.data import build_pipeline
 from hidream_ft.data.collate import TrainBatch, TrainCollator
 from hidream_ft.data.folders import resolved_folder
+from hidream_ft.data.heldout import HeldoutBatches
 from hidream_ft.data.shards import expand_shards, local_shard_path
 from hidream_ft.flow.objective import (
     add_noise, diffusion_loss, draw_packed_sigmas_and_noise, draw_sigmas_and_noise, model_timestep,
 )
+from hidream_ft.inference.heldout import heldout_loss, heldout_scalars
 from hidream_ft.inference.validation import log_validation, render_validation
 from hidream_ft.metrics import MetricsLogger, peak_memory_gib, require_wandb
 from hidream_ft.model.layout import SpecialTokens
@@ -318,6 +320,9 @@ def check_inputs(cfg: Config) -> None:
     for i, folder in enumerate(cfg.data.folders):
         for path in [folder.path, *folder.controls]:
             resolved_folder(path, f"data.folders[{i}]")
+    for i, folder in enumerate(cfg.validation.loss_folders):
+        for path in [folder.path, *folder.controls]:
+            resolved_folder(path, f"validation.loss_folders[{i}]")
     for url in expand_shards(cfg.data.shards):
         local = local_shard_path(url)
         if local is not None and not local.is_file():
@@ -376,6 +381,8 @@ def train_locked(cfg: Config, env: DistEnv, preemption: PreemptionHandler, lock:
                               default_batch_size=cfg.train.batch_size, collate=collate)
     if data_state is not None:
         pipeline.load_state_dict(data_state)
+    heldout = (HeldoutBatches(cfg.data, cfg.validation.loss_folders, cfg.validation.loss_batch_size, collate)
+               if cfg.validation.loss_every else None)
     log = MetricsLogger(output_dir, env.is_main, cfg.logging, cfg.train.max_steps, start_step)
     if start_step:
         log.info(f"resumed at step {start_step}")
@@ -409,6 +416,11 @@ def train_locked(cfg: Config, env: DistEnv, preemption: PreemptionHandler, lock:
             # Every rank renders (FSDP forwards are collective); the logger writes the images on rank 0 only.
             images = render_validation(trainer.model, trainer.tokenizer, trainer.tokens, cfg.validation, env.device)
             log_validation(log, done, images)
+        if heldout is not None and done % cfg.validation.loss_every == 0:
+            # Every rank evaluates (FSDP forwards are collective) and gets the same number.
+            log.scalars(done, heldout_scalars(heldout_loss(
+                trainer.model, heldout, cfg.validation.loss_sigmas, seed=cfg.validation.loss_seed,
+                noise_scale=cfg.diffusion.noise_scale, device=env.device)))
         if checkpointing:
             trainer.save_checkpoint(done, pipeline.state_dict())
             last_saved = done

@@ -327,12 +327,34 @@ class ValidationConfig(SamplingSettings):
 
     every: int = 0  # steps between validation renders; 0 turns validation off
     prompts: list[str] = field(default_factory=list)
+    # Held-out loss (docs/quality.md): fixed batches from these folders at fixed σ and noise; 0 turns it off.
+    loss_every: int = 0
+    loss_folders: list[FolderSource | str] = field(default_factory=list)
+    loss_sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    loss_batch_size: int = 1
+    loss_seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.loss_folders = [FolderSource(path=f) if isinstance(f, str) else f for f in self.loss_folders]
 
     def validate(self, where: str) -> None:
         if self.every < 0:
             raise ConfigError(f"{where}.every: must be ≥ 0 (0 turns validation off), got {self.every}")
         if self.every and not self.prompts:
             raise ConfigError(f"{where}.prompts: validation every {self.every} steps needs at least one prompt")
+        if self.loss_every < 0:
+            raise ConfigError(f"{where}.loss_every: must be ≥ 0 (0 turns the held-out loss off), got {self.loss_every}")
+        if self.loss_every and not self.loss_folders:
+            raise ConfigError(f"{where}.loss_folders: a held-out loss every {self.loss_every} steps needs at least "
+                              "one folder")
+        for i, folder in enumerate(self.loss_folders):
+            folder.validate(f"{where}.loss_folders[{i}]")
+        if not self.loss_sigmas or not all(0 < sigma <= 1 for sigma in self.loss_sigmas):
+            raise ConfigError(f"{where}.loss_sigmas: expected one or more σ in (0, 1], got {self.loss_sigmas}")
+        if len(set(self.loss_sigmas)) != len(self.loss_sigmas):
+            raise ConfigError(f"{where}.loss_sigmas: a σ is listed twice in {self.loss_sigmas}")
+        if self.loss_batch_size < 1:
+            raise ConfigError(f"{where}.loss_batch_size: must be at least 1, got {self.loss_batch_size}")
         super().validate(where)
 
 
@@ -378,20 +400,28 @@ def _relative_to_file(table: dict, folder: Path) -> None:
                          ("checkpoint", "resume")):
         if isinstance(table.get(section), dict) and key in table[section]:
             table[section][key] = rebase(table[section][key])
+    if isinstance(table.get("validation"), dict):
+        _rebase_folders(table["validation"], "loss_folders", rebase)
     data = table.get("data")
     if not isinstance(data, dict):
         return
     if isinstance(data.get("shards"), list):
         data["shards"] = [rebase(pattern) for pattern in data["shards"]]
-    for i, folder_entry in enumerate(data.get("folders", []) if isinstance(data.get("folders"), list) else []):
+    _rebase_folders(data, "folders", rebase)
+
+
+def _rebase_folders(section: dict, key: str, rebase) -> None:
+    """Apply ``rebase`` to the paths of a folder list (``data.folders``, ``validation.loss_folders``)."""
+    entries = section.get(key)
+    for i, folder_entry in enumerate(entries if isinstance(entries, list) else []):
         if isinstance(folder_entry, dict):
-            for key in ("path", "control_dir", "mask_dir"):
-                if key in folder_entry:
-                    folder_entry[key] = rebase(folder_entry[key])
+            for name in ("path", "control_dir", "mask_dir"):
+                if name in folder_entry:
+                    folder_entry[name] = rebase(folder_entry[name])
             if isinstance(folder_entry.get("control_dirs"), list):
                 folder_entry["control_dirs"] = [rebase(d) for d in folder_entry["control_dirs"]]
         else:
-            data["folders"][i] = rebase(folder_entry)
+            entries[i] = rebase(folder_entry)
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:

@@ -4,6 +4,7 @@ FSDP forward is a collective), :func:`log_validation` on rank 0 (docs/sampling.m
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -15,6 +16,18 @@ from hidream_ft.model.layout import SpecialTokens
 TAG_PREFIX = "validation"
 
 
+@contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in eval mode for the block, then every submodule's train/eval flag as it was."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 def render_validation(
     model: nn.Module, tokenizer, tokens: SpecialTokens, cfg: ValidationConfig, device: torch.device | str
 ) -> list[tuple[str, torch.Tensor]]:
@@ -23,13 +36,8 @@ def render_validation(
     Runs in eval mode under ``torch.no_grad`` and restores every submodule's train/eval flag afterwards;
     the caller's RNG state is untouched, so training continues exactly as without validation.
     """
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
+    with evaluating(model):
         return [(prompt, generate(model, tokenizer, tokens, prompt, cfg, device)) for prompt in cfg.prompts]
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 def image_tag(index: int, prompt: str) -> str:
