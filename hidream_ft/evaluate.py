@@ -13,6 +13,7 @@ images to their references, held-out loss, held-out loss per σ) and prints the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import sys
@@ -24,9 +25,15 @@ import torch
 from PIL import Image
 
 from hidream_ft.cli import entry_point
-from hidream_ft.config import ConfigError
+from hidream_ft.config import ConfigError, DataConfig, FolderSource, SamplingSettings, ValidationConfig
+from hidream_ft.data.collate import TrainCollator
+from hidream_ft.data.folders import resolved_folder
+from hidream_ft.data.heldout import HeldoutBatches
 from hidream_ft.errors import UserError
 from hidream_ft.inference.grid import GridColumn, compose_grid, grid_rows, sample_cells
+from hidream_ft.inference.heldout import HeldoutLoss, heldout_loss
+from hidream_ft.lora import lora_applied
+from hidream_ft.model.conditioning import ConditionProcessor
 from hidream_ft.model.patches import pixels_from_image, pixels_from_uint8
 from hidream_ft.perceptual.dino import DinoFeatures, dino_similarity
 from hidream_ft.sample import (GridFile, add_grid_arguments, load_columns, load_for_sampling, open_reference_sets,
@@ -40,7 +47,21 @@ class EvaluationFile(GridFile):
     out: str = "evaluation"
     targets: list[str] = field(default_factory=list)  # images the text-to-image rows are compared with
     dino: str = ""  # DINOv2 / DINOv3 folder; empty: no similarity column
-    heldout: str = ""  # validation image folder; empty: no held-out loss columns
+    heldout: list[FolderSource | str] = field(default_factory=list)  # as data.folders; empty: no held-out loss
+    heldout_sigmas: list[float] = field(default_factory=lambda: list(ValidationConfig().loss_sigmas))
+    heldout_batch_size: int = 1
+    heldout_seed: int = 0
+
+    def validate(self, where: str) -> None:
+        """``where`` is empty for the file's top level (its path prefixes the message)."""
+        key = lambda name: f"{where}.{name}" if where else name  # noqa: E731
+        self.heldout = [FolderSource(path=f) if isinstance(f, str) else f for f in self.heldout]
+        for i, folder in enumerate(self.heldout):
+            folder.validate(key(f"heldout[{i}]"))
+        if not self.heldout_sigmas or not all(0 < sigma <= 1 for sigma in self.heldout_sigmas):
+            raise ConfigError(f"{key('heldout_sigmas')}: expected one or more σ in (0, 1], got {self.heldout_sigmas}")
+        if self.heldout_batch_size < 1:
+            raise ConfigError(f"{key('heldout_batch_size')}: must be at least 1, got {self.heldout_batch_size}")
 
 
 @dataclass
@@ -107,6 +128,21 @@ def dino_scores(dino: DinoFeatures, cells: Sequence[Sequence[torch.Tensor]],
     return [mean_similarity(column) for column in similarities]
 
 
+def heldout_data(settings: SamplingSettings) -> DataConfig:
+    """Held-out images are bucketed at the grid's pixel area (width × height), as training buckets at
+    ``data.area``."""
+    return DataConfig(area=settings.width * settings.height, num_workers=0)
+
+
+def column_heldout_loss(model, column: GridColumn, batches: HeldoutBatches, evaluation: EvaluationFile,
+                        device: torch.device) -> HeldoutLoss:
+    """The held-out loss with the column's adapters attached, under bf16 autocast on CUDA as sampling runs."""
+    precision = (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda"
+                 else contextlib.nullcontext())
+    with lora_applied(model, column.loras), precision:
+        return heldout_loss(model, batches, evaluation.heldout_sigmas, seed=evaluation.heldout_seed, device=device)
+
+
 def open_images(paths: Sequence[str], what: str) -> list[Image.Image]:
     images = []
     for path in paths:
@@ -125,12 +161,18 @@ def run(argv: list[str]) -> Path:
     parser.add_argument("--target", action="append", default=[], metavar="IMAGE",
                         help="an image the text-to-image rows are compared with; repeat for more")
     parser.add_argument("--dino", metavar="DIR", help="DINOv2 / DINOv3 folder for the similarity scores")
-    parser.add_argument("--heldout", metavar="DIR", help="validation image folder for the held-out loss")
+    parser.add_argument("--heldout", action="append", default=[], metavar="DIR",
+                        help="held-out image folder (captions as in training data) for the held-out loss; repeat "
+                             "for more")
     args = parser.parse_args(argv)
     evaluation, settings = resolve_grid(parser, args, EvaluationFile, "evaluation")
     evaluation.targets = args.target or evaluation.targets
     evaluation.dino = args.dino or evaluation.dino
-    evaluation.heldout = args.heldout or evaluation.heldout
+    evaluation.heldout = [FolderSource(path=path) for path in args.heldout] or evaluation.heldout
+    evaluation.validate("evaluation")
+    for i, folder in enumerate(evaluation.heldout):
+        for path in [folder.path, *folder.controls]:
+            resolved_folder(path, f"evaluation.heldout[{i}]")
     if evaluation.targets and not evaluation.dino:
         raise ConfigError("evaluation.targets: comparing with target images needs a DINO model (dino / --dino)")
     columns = load_columns(evaluation.columns)
@@ -140,6 +182,11 @@ def run(argv: list[str]) -> Path:
     model, tokenizer, tokens, device = load_for_sampling(evaluation.model, evaluation.dtype, evaluation.device or None,
                                                          args.attention, evaluation.weights or None)
     dino = DinoFeatures.load(evaluation.dino, device=device) if evaluation.dino else None
+    if evaluation.heldout:
+        data = heldout_data(settings)
+        collate = TrainCollator(tokenizer, tokens, data.max_text_tokens,
+                                ConditionProcessor.from_pretrained(evaluation.model))
+        batches = HeldoutBatches(data, evaluation.heldout, evaluation.heldout_batch_size, collate)
     cells = sample_cells(model, tokenizer, tokens, rows, columns, settings, device, progress=True)
     out = Path(evaluation.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +199,10 @@ def run(argv: list[str]) -> Path:
         comparisons = [row.references.images if row.references else targets for row in rows]
         for row, similarity in zip(scores, dino_scores(dino, cells, comparisons, device)):
             row.dino_similarity = similarity
+    if evaluation.heldout:
+        for row, column in zip(scores, columns):
+            result = column_heldout_loss(model, column, batches, evaluation, device)
+            row.heldout_loss, row.heldout_per_sigma = result.total, result.per_sigma
     write_csv(scores, out / "scores.csv")
     table = markdown_table(scores)
     (out / "scores.md").write_text(table)
