@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,8 +35,8 @@ from hidream_ft.lora import lora_applied
 from hidream_ft.model.conditioning import ConditionProcessor
 from hidream_ft.model.patches import pixels_from_image, pixels_from_uint8
 from hidream_ft.perceptual.dino import DinoFeatures, dino_similarity
-from hidream_ft.sample import (GridFile, add_grid_arguments, load_columns, load_for_sampling, open_reference_sets,
-                               resolve_grid, save_png)
+from hidream_ft.sample import (GridFile, add_grid_arguments, grid_record, load_columns, load_for_sampling,
+                               open_reference_sets, resolve_grid, save_png)
 
 
 @dataclass
@@ -182,6 +181,7 @@ def run(argv: list[str]) -> Path:
     model, tokenizer, tokens, device = load_for_sampling(evaluation.model, evaluation.dtype, evaluation.device or None,
                                                          args.attention, evaluation.weights or None)
     dino = DinoFeatures.load(evaluation.dino, device=device) if evaluation.dino else None
+    batches = None
     if evaluation.heldout:
         data = heldout_data(settings)
         collate = TrainCollator(tokenizer, tokens, data.max_text_tokens,
@@ -190,16 +190,14 @@ def run(argv: list[str]) -> Path:
     cells = sample_cells(model, tokenizer, tokens, rows, columns, settings, device, progress=True)
     out = Path(evaluation.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"prompts": evaluation.prompts, "references": evaluation.references, "model": evaluation.model,
-              "settings": dataclasses.asdict(settings),
-              "columns": [{"label": c.label, "loras": s.loras} for c, s in zip(columns, evaluation.columns)]}
-    save_png(compose_grid(cells, [row.label for row in rows], [c.label for c in columns]), out / "grid.png", record)
+    save_png(compose_grid(cells, [row.label for row in rows], [c.label for c in columns]), out / "grid.png",
+             grid_record(evaluation, settings, columns))
     scores = [ColumnScores(c.label, ", ".join(s.loras)) for c, s in zip(columns, evaluation.columns)]
     if dino is not None:
         comparisons = [row.references.images if row.references else targets for row in rows]
         for row, similarity in zip(scores, dino_scores(dino, cells, comparisons, device)):
             row.dino_similarity = similarity
-    if evaluation.heldout:
+    if batches is not None:
         for row, column in zip(scores, columns):
             result = column_heldout_loss(model, column, batches, evaluation, device)
             row.heldout_loss, row.heldout_per_sigma = result.total, result.per_sigma

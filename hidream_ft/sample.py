@@ -260,6 +260,13 @@ def open_reference_sets(sets: list[list[str]], model_path: str) -> list[tuple[st
     return [(" + ".join(Path(p).name for p in paths), open_references(paths, model_path)) for paths in sets]
 
 
+def grid_record(grid: GridFile, settings: SamplingSettings, columns: list[GridColumn]) -> dict:
+    """What a grid PNG stores about how it was made (:func:`png_info`)."""
+    return {"prompts": grid.prompts, "references": grid.references, "model": grid.model,
+            "settings": dataclasses.asdict(settings),
+            "columns": [{"label": c.label, "loras": s.loras} for c, s in zip(columns, grid.columns)]}
+
+
 def run_grid(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(prog="python -m hidream_ft.sample grid",
                                      description="Render a prompts × configurations comparison grid.")
@@ -272,10 +279,7 @@ def run_grid(argv: list[str]) -> Path:
                                                          args.attention, grid.weights or None)
     image = render_grid(model, tokenizer, tokens, grid.prompts, columns, settings, device,
                         progress=True, references=references)
-    record = {"prompts": grid.prompts, "references": grid.references, "model": grid.model,
-              "settings": dataclasses.asdict(settings),
-              "columns": [{"label": c.label, "loras": s.loras} for c, s in zip(columns, grid.columns)]}
-    return save_png(image, grid.out, record)
+    return save_png(image, grid.out, grid_record(grid, settings, columns))
 
 
 @entry_point
