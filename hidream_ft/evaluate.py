@@ -59,6 +59,8 @@ class EvaluationFile(GridFile):
             folder.validate(key(f"heldout[{i}]"))
         if not self.heldout_sigmas or not all(0 < sigma <= 1 for sigma in self.heldout_sigmas):
             raise ConfigError(f"{key('heldout_sigmas')}: expected one or more σ in (0, 1], got {self.heldout_sigmas}")
+        if len(set(self.heldout_sigmas)) != len(self.heldout_sigmas):
+            raise ConfigError(f"{key('heldout_sigmas')}: a σ is listed twice in {self.heldout_sigmas}")
         if self.heldout_batch_size < 1:
             raise ConfigError(f"{key('heldout_batch_size')}: must be at least 1, got {self.heldout_batch_size}")
 

@@ -173,3 +173,6 @@ def test_file_errors_are_one_line(tmp_path, tiny_checkpoint, capsys):
     config.write_text(f'model = "{tiny_checkpoint}"\nprompts = ["p"]\nheldout_sigmas = [0.5, 1.5]\n')
     assert main(["--config", str(config)]) == 2
     assert "evaluate.toml: heldout_sigmas: expected one or more σ in (0, 1], got [0.5, 1.5]" in one_error_line(capsys)
+    config.write_text(f'model = "{tiny_checkpoint}"\nprompts = ["p"]\nheldout_sigmas = [0.5, 0.5]\n')
+    assert main(["--config", str(config)]) == 2
+    assert "evaluate.toml: heldout_sigmas: a σ is listed twice in [0.5, 0.5]" in one_error_line(capsys)
