@@ -192,7 +192,8 @@ def parse_column(text: str) -> GridColumnSpec:
     return GridColumnSpec(label=label, loras=[spec for spec in loras.split(",") if spec])
 
 
-def read_grid_file(path: str | Path) -> GridFile:
+def read_grid_file(path: str | Path, schema: type[GridFile] = GridFile) -> GridFile:
+    """A grid TOML file as ``schema`` (GridFile or a command's extension of it)."""
     path = Path(path)
     table = read_toml(path, "grid file")
     preset = table.get("preset", "full")
@@ -203,14 +204,12 @@ def read_grid_file(path: str | Path) -> GridFile:
         raise ConfigError(f"{path}: sampling: expected a table, got {sampling!r}")
     table = {**table, "sampling": {**RECIPES[preset], **sampling}}
     try:
-        return build_table(GridFile, table)
+        return build_table(schema, table)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def run_grid(argv: list[str]) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m hidream_ft.sample grid",
-                                     description="Render a prompts × configurations comparison grid.")
+def add_grid_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("--config", help="grid TOML file (docs/sampling.md); flags below override it")
     add_model_arguments(parser, model_required=False)
     parser.add_argument("--prompt", action="append", default=[], help="a grid row; repeat for more rows")
@@ -218,16 +217,21 @@ def run_grid(argv: list[str]) -> Path:
                         help="edit / IP reference set: rows become every (reference set, prompt) pair")
     parser.add_argument("--column", action="append", default=[], type=parse_column,
                         metavar="LABEL[=PATH[:W],…]", help="a grid column; repeat for more columns")
-    parser.add_argument("--out", help="output PNG")
+    parser.add_argument("--out", help=out_help)
     add_sampling_arguments(parser)
-    args = parser.parse_args(argv)
+
+
+def resolve_grid(parser: argparse.ArgumentParser, args: argparse.Namespace, schema: type[GridFile] = GridFile,
+                 where: str = "grid") -> tuple[GridFile, SamplingSettings]:
+    """The ``--config`` file (or ``schema``'s defaults) with the :func:`add_grid_arguments` flags merged in, and
+    the sampling settings."""
     if args.config:
-        grid = read_grid_file(args.config)
+        grid = read_grid_file(args.config, schema)
         if args.preset is not None:
             parser.error("--preset cannot override a grid file; set preset in the file")
         base = grid.sampling
     else:
-        grid = GridFile()
+        grid = schema()
         base = None
     grid.model = args.model or grid.model
     grid.weights = args.weights or grid.weights
@@ -237,23 +241,45 @@ def run_grid(argv: list[str]) -> Path:
     grid.out = args.out or grid.out
     grid.dtype = args.dtype or grid.dtype
     grid.device = args.device or grid.device
-    grid.check_complete("grid")
-    settings = sampling_settings(args, base)
+    grid.check_complete(where)
+    return grid, sampling_settings(args, base)
+
+
+def load_columns(specs: list[GridColumnSpec]) -> list[GridColumn]:
+    """Each column with its adapters read; an unlabelled column is named after its LoRAs ("base" without)."""
     columns = []
-    for spec in grid.columns:
+    for spec in specs:
         parsed = [parse_lora_spec(lora) for lora in spec.loras]
         label = spec.label or " + ".join(lora_label(path, weight) for path, weight in parsed) or "base"
-        columns.append((GridColumn(label, [(load_adapter(path), weight) for path, weight in parsed]), spec))
-    references = [(" + ".join(Path(p).name for p in paths), open_references(paths, grid.model))
-                  for paths in grid.references]
+        columns.append(GridColumn(label, [(load_adapter(path), weight) for path, weight in parsed]))
+    return columns
+
+
+def open_reference_sets(sets: list[list[str]], model_path: str) -> list[tuple[str, ReferenceImages]]:
+    """Each reference set, labelled with its file names, as ``render_grid`` takes them."""
+    return [(" + ".join(Path(p).name for p in paths), open_references(paths, model_path)) for paths in sets]
+
+
+def grid_record(grid: GridFile, settings: SamplingSettings, columns: list[GridColumn]) -> dict:
+    """What a grid PNG stores about how it was made (:func:`png_info`)."""
+    return {"prompts": grid.prompts, "references": grid.references, "model": grid.model,
+            "settings": dataclasses.asdict(settings),
+            "columns": [{"label": c.label, "loras": s.loras} for c, s in zip(columns, grid.columns)]}
+
+
+def run_grid(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m hidream_ft.sample grid",
+                                     description="Render a prompts × configurations comparison grid.")
+    add_grid_arguments(parser, "output PNG")
+    args = parser.parse_args(argv)
+    grid, settings = resolve_grid(parser, args)
+    columns = load_columns(grid.columns)
+    references = open_reference_sets(grid.references, grid.model)
     model, tokenizer, tokens, device = load_for_sampling(grid.model, grid.dtype, grid.device or None,
                                                          args.attention, grid.weights or None)
-    image = render_grid(model, tokenizer, tokens, grid.prompts, [c for c, _ in columns], settings, device,
+    image = render_grid(model, tokenizer, tokens, grid.prompts, columns, settings, device,
                         progress=True, references=references)
-    record = {"prompts": grid.prompts, "references": grid.references, "model": grid.model,
-              "settings": dataclasses.asdict(settings),
-              "columns": [{"label": c.label, "loras": s.loras} for c, s in columns]}
-    return save_png(image, grid.out, record)
+    return save_png(image, grid.out, grid_record(grid, settings, columns))
 
 
 @entry_point

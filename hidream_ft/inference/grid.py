@@ -120,6 +120,45 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 
 
+@dataclass
+class GridRow:
+    """One grid row: its label, its prompt and, for edit / IP, its reference images."""
+
+    label: str
+    prompt: str
+    references: ReferenceImages | None = None
+
+
+def grid_rows(prompts: Sequence[str], references: Sequence[tuple[str, ReferenceImages]] = ()) -> list[GridRow]:
+    """The prompts or, with ``references`` ((label, images) pairs), every (reference, prompt) pair,
+    reference-major."""
+    if not references:
+        return [GridRow(prompt, prompt) for prompt in prompts]
+    return [GridRow(f"{label}: {prompt}", prompt, images) for label, images in references for prompt in prompts]
+
+
+def sample_cells(
+    model: nn.Module,
+    tokenizer,
+    tokens: SpecialTokens,
+    rows: Sequence[GridRow],
+    columns: Sequence[GridColumn],
+    settings: SamplingSettings,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> list[list[torch.Tensor]]:
+    """Sample every (row, column) cell: ``cells[row][column]``, uint8 [3, H, W]."""
+    cells: list[list[torch.Tensor]] = [[] for _ in rows]
+    with tqdm(total=len(rows) * len(columns), disable=not progress, desc="grid") as bar:
+        for column in columns:  # column-major: each column's adapters are attached once
+            with lora_applied(model, column.loras):
+                for row, spec in enumerate(rows):
+                    cells[row].append(generate(model, tokenizer, tokens, spec.prompt, settings, device,
+                                               references=spec.references))
+                    bar.update()
+    return cells
+
+
 def render_grid(
     model: nn.Module,
     tokenizer,
@@ -131,15 +170,7 @@ def render_grid(
     progress: bool = False,
     references: Sequence[tuple[str, ReferenceImages]] = (),
 ) -> Image.Image:
-    """Sample every (row, column) cell and compose the labelled grid. Rows are the prompts or, with
-    ``references`` ((label, images) pairs), every (reference, prompt) pair, reference-major."""
-    rows = ([(prompt, prompt, None) for prompt in prompts] if not references else
-            [(f"{label}: {prompt}", prompt, images) for label, images in references for prompt in prompts])
-    cells: list[list[torch.Tensor]] = [[] for _ in rows]
-    with tqdm(total=len(rows) * len(columns), disable=not progress, desc="grid") as bar:
-        for column in columns:  # column-major: each column's adapters are attached once
-            with lora_applied(model, column.loras):
-                for row, (_, prompt, images) in enumerate(rows):
-                    cells[row].append(generate(model, tokenizer, tokens, prompt, settings, device, references=images))
-                    bar.update()
-    return compose_grid(cells, [label for label, _, _ in rows], [column.label for column in columns])
+    """Sample every (row, column) cell and compose the labelled grid; rows as in :func:`grid_rows`."""
+    rows = grid_rows(prompts, references)
+    cells = sample_cells(model, tokenizer, tokens, rows, columns, settings, device, progress)
+    return compose_grid(cells, [row.label for row in rows], [column.label for column in columns])
