@@ -347,6 +347,12 @@ def check_inputs(cfg: Config) -> None:
     preservation_prompts(cfg.preservation)
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise ConfigError(f"model.weights: {cfg.model.weights!r} is not a file")
+    perceptual = cfg.perceptual
+    if perceptual.dino_weight > 0 and not Path(perceptual.dino_path).is_dir():
+        raise ConfigError(f"perceptual.dino_path: {perceptual.dino_path!r} is not a folder (a transformers DINO "
+                          "model saved with save_pretrained)")
+    if perceptual.lpips_weight > 0 and not Path(perceptual.lpips_path).is_file():
+        raise ConfigError(f"perceptual.lpips_path: {perceptual.lpips_path!r} is not a file")
     for where, folders in (("data.folders", cfg.data.folders),
                            ("data.regularization.folders", cfg.data.regularization.folders),
                            ("validation.loss_folders", cfg.validation.loss_folders)):

@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model
 
-from helpers import WORKERS, make_trainer, noise_samples, quantized_pixels, run_python, set_flags, tensorboard_scalars
+from helpers import (
+    WORKERS, make_trainer, noise_samples, quantized_pixels, run_python, set_flags, tensorboard_scalars, tiny_overrides,
+)
 from hidream_ft import bench
 from hidream_ft.config import ConfigError, load_config
 from hidream_ft.data import Sample
@@ -24,7 +26,7 @@ from hidream_ft.perceptual.loss import (
     PerceptualLoss, in_sigma_range, keep_masked_tokens, masked_weighted_mean, square_images,
 )
 from hidream_ft.perceptual.lpips import LPIPS, lpips_loss
-from hidream_ft.trainer import run
+from hidream_ft.trainer import check_inputs, run
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +211,7 @@ def test_samples_outside_the_sigma_range_count_zero_in_the_sample_average():
     assert in_sigma_range(sigmas, 0.5, 0.9).tolist() == [0.0, 1.0, 1.0, 0.0]
     per_sample, weights = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 1.0, 2.0, 1.0])
     mean = masked_weighted_mean(per_sample, in_sigma_range(sigmas, 0.5, 0.9), weights)
-    torch.testing.assert_close(mean, torch.tensor((2.0 + 2 * 3.0) / 5))
+    torch.testing.assert_close(mean, torch.tensor((2.0 + 2 * 3.0) / 4))
 
 
 def perceptual_config(dino_path, lpips_path, *overrides):
@@ -273,9 +275,8 @@ def test_a_packed_row_gives_the_perceptual_loss_of_its_samples_alone(dino_path, 
         alone.append(loss.terms(x_pred, batch.x0, sigmas[index:index + 1], batch.layout.target_grids, None,
                                 batch.weights))
         start += count
-    weights = torch.tensor([s.weight for s in samples])
-    for name in together:
-        expected = (torch.stack([terms[name] for terms in alone]) * weights).sum() / weights.sum()
+    for name in together:  # each sample alone already carries its weight
+        expected = torch.stack([terms[name] for terms in alone]).mean()
         torch.testing.assert_close(together[name], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -283,9 +284,7 @@ def test_a_packed_row_gives_the_perceptual_loss_of_its_samples_alone(dino_path, 
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["perceptual.dino_weight=1.0"], "perceptual.dino_path: dino_weight = 1.0 needs an existing folder, got ''"),
-    (["perceptual.lpips_weight=1.0", "perceptual.lpips_path='/nowhere.pth'"],
-     "perceptual.lpips_path: lpips_weight = 1.0 needs an existing file, got '/nowhere.pth'"),
+    (["perceptual.dino_weight=1.0"], "perceptual.dino_path: dino_weight = 1.0 needs a path, got ''"),
     (["perceptual.lpips_weight=-1.0"], "perceptual.lpips_weight: must be ≥ 0, got -1.0"),
     (["perceptual.sigma_min=0.6", "perceptual.sigma_max=0.5"], "need 0 ≤ sigma_min < sigma_max ≤ 1, got 0.6, 0.5"),
     (["perceptual.resolution=32"], "perceptual.resolution: must be ≥ 64"),
@@ -293,6 +292,13 @@ def test_a_packed_row_gives_the_perceptual_loss_of_its_samples_alone(dino_path, 
 def test_bad_perceptual_settings_are_refused_with_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", "\\(")):
         load_config(None, overrides)
+
+
+def test_a_missing_perceptual_file_stops_the_run_before_the_model_loads(tiny_checkpoint, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_checkpoint, tmp_path) + [
+        "perceptual.lpips_weight=1.0", "perceptual.lpips_path='/nowhere.pth'"])
+    with pytest.raises(ConfigError, match="perceptual.lpips_path: '/nowhere.pth' is not a file"):
+        check_inputs(cfg)
 
 
 def test_off_by_default():

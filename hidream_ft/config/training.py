@@ -447,14 +447,13 @@ class PerceptualConfig:
         return self.dino_weight > 0 or self.lpips_weight > 0
 
     def validate(self, where: str) -> None:
-        for name, weight, path, is_there in (("dino", self.dino_weight, self.dino_path, os.path.isdir),
-                                             ("lpips", self.lpips_weight, self.lpips_path, os.path.isfile)):
+        # Whether the paths exist is checked when a run starts (trainer.check_inputs), like every input path.
+        for name, weight, path in (("dino", self.dino_weight, self.dino_path),
+                                   ("lpips", self.lpips_weight, self.lpips_path)):
             if weight < 0:
                 raise ConfigError(f"{where}.{name}_weight: must be ≥ 0, got {weight}")
-            if weight > 0 and not is_there(path):
-                kind = "folder" if is_there is os.path.isdir else "file"
-                raise ConfigError(f"{where}.{name}_path: {name}_weight = {weight} needs an existing {kind}, "
-                                  f"got {path!r}")
+            if weight > 0 and not path:
+                raise ConfigError(f"{where}.{name}_path: {name}_weight = {weight} needs a path, got {path!r}")
         if not 0 <= self.sigma_min < self.sigma_max <= 1:
             raise ConfigError(f"{where}.sigma_min / sigma_max: need 0 ≤ sigma_min < sigma_max ≤ 1, "
                               f"got {self.sigma_min}, {self.sigma_max}")

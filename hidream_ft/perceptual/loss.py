@@ -41,9 +41,8 @@ def in_sigma_range(sigmas: torch.Tensor, sigma_min: float, sigma_max: float) -> 
 
 
 def masked_weighted_mean(per_sample: torch.Tensor, mask: torch.Tensor, sample_weights: torch.Tensor) -> torch.Tensor:
-    """Σ term·mask·w / Σ w: the main loss's sample average, with out-of-range samples counting zero."""
-    weights = sample_weights.float()
-    return (per_sample * mask * weights).sum() / weights.sum().clamp_min(1e-12)
+    """mean(term·mask·w): the main loss's sample average, with out-of-range samples counting zero."""
+    return (per_sample * mask * sample_weights.float()).mean()
 
 
 class PerceptualLoss:
