@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import DIST_VARIABLES, forward_inputs
+from helpers import DIST_VARIABLES, forward_inputs, write_lpips_weights, write_tiny_dino
 from hidream_ft.model import SpecialTokens, load_hf_config, load_model, load_tokenizer
 from hidream_ft.parallel.distributed import shutdown
 from hidream_ft.testing.tiny import write_tiny_checkpoint
@@ -58,3 +58,15 @@ def tokens(tiny_checkpoint, tokenizer):
 def tiny_model(tiny_checkpoint, tokenizer):
     torch.manual_seed(0)
     return load_model(tiny_checkpoint, dtype=torch.float32, tokenizer=tokenizer).eval()
+
+
+@pytest.fixture(scope="session")
+def dino_path(tmp_path_factory):
+    """A tiny random DINOv2 folder for the perceptual loss and DINO scores."""
+    return write_tiny_dino(tmp_path_factory.mktemp("dino"))
+
+
+@pytest.fixture(scope="session")
+def lpips_path(tmp_path_factory):
+    """Tiny-model-independent random LPIPS (AlexNet) weights in the lpips package's layout."""
+    return write_lpips_weights(tmp_path_factory.mktemp("lpips") / "alex.pth")

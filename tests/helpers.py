@@ -13,12 +13,15 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import Dinov2Config, Dinov2Model
 
 from hidream_ft.config import load_config
 from hidream_ft.data import Sample, build_pipeline, list_of_samples
 from hidream_ft.model import SpecialTokens, build_t2i_layout, load_hf_config, load_tokenizer
 from hidream_ft.parallel.distributed import init_distributed
+from hidream_ft.perceptual.lpips import LPIPS
 from hidream_ft.trainer import Trainer
 
 TESTS = Path(__file__).resolve().parent
@@ -49,6 +52,29 @@ def write_config(tmp_path: Path, text: str = "") -> Path:
     config = tmp_path / "train.toml"
     config.write_text(f'[logging]\noutput_dir = "{tmp_path / "runs"}"\n{text}')
     return config
+
+
+def write_tiny_dino(path: Path) -> Path:
+    """A tiny random DINOv2 saved like a transformers download; wide initial weights make its embeddings tell
+    images apart clearly."""
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          patch_size=8, image_size=32, initializer_range=0.5)
+    Dinov2Model(config).save_pretrained(path)
+    return path
+
+
+def write_lpips_weights(path: Path, net: str = "alex", seed: int = 0) -> Path:
+    """Random weights in the lpips package's state-dict layout, with its input-scaling buffers too."""
+    torch.manual_seed(seed)
+    state = {key: value.abs() if key.startswith("lin") else value for key, value in LPIPS(net).state_dict().items()}
+    state["scaling_layer.shift"] = torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None]
+    state["scaling_layer.scale"] = torch.tensor([0.458, 0.448, 0.450])[None, :, None, None]
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
 
 
 def training_worker_arguments() -> argparse.ArgumentParser:

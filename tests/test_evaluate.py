@@ -8,7 +8,6 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-from transformers import Dinov2Config, Dinov2Model
 
 from hidream_ft.data.demo import write_demo_dataset
 from hidream_ft.evaluate import ColumnScores, main, markdown_table, mean_similarity, table_header, table_rows
@@ -31,16 +30,6 @@ def adapter_dir(tiny_checkpoint, tokenizer, tmp_path_factory):
     run = tmp_path_factory.mktemp("run-style")
     peft_model.save_pretrained(run / "adapter")
     return run
-
-
-@pytest.fixture(scope="module")
-def dino_path(tmp_path_factory):
-    torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          patch_size=16, image_size=32, initializer_range=0.5)
-    path = tmp_path_factory.mktemp("dino")
-    Dinov2Model(config).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model
+from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from helpers import (
     WORKERS, make_trainer, noise_samples, quantized_pixels, run_python, set_flags, tensorboard_scalars, tiny_overrides,
+    write_lpips_weights,
 )
 from hidream_ft import bench
 from hidream_ft.config import ConfigError, load_config
@@ -30,36 +30,8 @@ from hidream_ft.trainer import check_inputs, run
 
 
 @pytest.fixture(scope="module")
-def dino_path(tmp_path_factory):
-    torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          patch_size=8, image_size=32)
-    path = tmp_path_factory.mktemp("dino")
-    Dinov2Model(config).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def dino(dino_path):
     return DinoFeatures.load(dino_path, resolution=64)
-
-
-def write_lpips_weights(path, net="alex", seed=0):
-    """Random weights in the lpips package's state-dict layout, with its input-scaling buffers too."""
-    torch.manual_seed(seed)
-    state = {key: value.abs() if key.startswith("lin") else value for key, value in LPIPS(net).state_dict().items()}
-    state["scaling_layer.shift"] = torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None]
-    state["scaling_layer.scale"] = torch.tensor([0.458, 0.448, 0.450])[None, :, None, None]
-    if path.suffix == ".safetensors":
-        save_file(state, str(path))
-    else:
-        torch.save(state, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def lpips_path(tmp_path_factory):
-    return write_lpips_weights(tmp_path_factory.mktemp("lpips") / "alex.pth")
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +283,7 @@ def test_a_trainer_with_both_terms_trains_and_reads_them_only_on_logging_steps(t
                                                                                dino_path, lpips_path):
     trainer = make_trainer(tiny_checkpoint, tmp_path, f"perceptual.dino_path='{dino_path}'",
                            "perceptual.dino_weight=0.5", f"perceptual.lpips_path='{lpips_path}'",
-                           "perceptual.lpips_weight=1.0", "perceptual.resolution=64")
+                           "perceptual.lpips_weight=1.0", "perceptual.resolution=64", "optim.lr=1e-3")
     batch = TextToImageCollator(trainer.tokenizer, trainer.tokens, 128)(noise_samples()[:2])
     readings = [trainer.step([batch]) for _ in range(6)]
     assert all(set(r["terms"]) == {"dino", "lpips"} and all(v > 0 for v in r["terms"].values()) for r in readings)
