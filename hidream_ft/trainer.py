@@ -387,6 +387,34 @@ def drain_readings(trainer: Trainer, preemption: PreemptionHandler, history: dic
     return preemption.stop_agreed
 
 
+def step_scalars(stats: dict, trainer: Trainer, pipeline, micro_batches: list[TrainBatch], elapsed: float) -> dict:
+    """A logging step's scalars: the step's values (read on the host), throughput, memory and data counters."""
+    device, world_size = trainer.env.device, trainer.env.world_size
+    samples = sum(b.size for b in micro_batches) * world_size
+    tokens = sum(b.target_tokens for b in micro_batches) * world_size
+    return {
+        "train/loss": stats["loss"], "train/lr": stats["lr"], "train/grad_norm": stats["grad_norm"],
+        "train/skipped_steps": trainer.skipped_total, "perf/samples_per_s": samples / elapsed,
+        "perf/tokens_per_s": tokens / elapsed, "perf/step_s": elapsed, "memory/peak_gib": peak_memory_gib(device),
+        **{f"train/{name}_loss": value for name, value in stats["terms"].items()},
+        **{f"data/{k}": v for k, v in pipeline.total_stats(device).items()},
+    }
+
+
+def evaluate_when_due(trainer: Trainer, heldout: HeldoutBatches | None, step: int, log: MetricsLogger) -> None:
+    """Validation images and the held-out loss at the steps they are due. Every rank runs them (FSDP forwards are
+    collective) and gets the same result; the logger writes on rank 0 only."""
+    validation, device = trainer.cfg.validation, trainer.env.device
+    if validation.every and step % validation.every == 0:
+        with trainer.validation_weights():
+            images = render_validation(trainer.model, trainer.tokenizer, trainer.tokens, validation, device)
+        log_validation(log, step, images)
+    if heldout is not None and step % validation.loss_every == 0:
+        log.scalars(step, heldout_scalars(heldout_loss(
+            trainer.model, heldout, validation.loss_sigmas, seed=validation.loss_seed,
+            noise_scale=trainer.cfg.diffusion.noise_scale, device=device)))
+
+
 def run(cfg: Config) -> dict:
     env = init_distributed()
     # Installed before the model so a signal during loading is honoured at the first step boundary.
@@ -437,29 +465,10 @@ def train_locked(cfg: Config, env: DistEnv, preemption: PreemptionHandler, lock:
         stop = drain_readings(trainer, preemption, history)
         last_loss = history.get(done, history.get(done - 1, last_loss))  # the newest loss on the host
         elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-        samples = sum(b.size for b in micro_batches) * env.world_size
-        tokens = sum(b.target_tokens for b in micro_batches) * env.world_size
         log.progress(done, last_loss, stats["lr"])
         if logging:
-            log.scalars(done, {
-                "train/loss": stats["loss"], "train/lr": stats["lr"], "train/grad_norm": stats["grad_norm"],
-                "train/skipped_steps": trainer.skipped_total, "perf/samples_per_s": samples / elapsed,
-                "perf/tokens_per_s": tokens / elapsed, "perf/step_s": elapsed,
-                "memory/peak_gib": peak_memory_gib(env.device),
-                **{f"train/{name}_loss": value for name, value in stats["terms"].items()},
-                **{f"data/{k}": v for k, v in pipeline.total_stats(env.device).items()},
-            })
-        if cfg.validation.every and done % cfg.validation.every == 0:
-            # Every rank renders (FSDP forwards are collective); the logger writes the images on rank 0 only.
-            with trainer.validation_weights():
-                images = render_validation(trainer.model, trainer.tokenizer, trainer.tokens, cfg.validation,
-                                           env.device)
-            log_validation(log, done, images)
-        if heldout is not None and done % cfg.validation.loss_every == 0:
-            # Every rank evaluates (FSDP forwards are collective) and gets the same number.
-            log.scalars(done, heldout_scalars(heldout_loss(
-                trainer.model, heldout, cfg.validation.loss_sigmas, seed=cfg.validation.loss_seed,
-                noise_scale=cfg.diffusion.noise_scale, device=env.device)))
+            log.scalars(done, step_scalars(stats, trainer, pipeline, micro_batches, elapsed))
+        evaluate_when_due(trainer, heldout, done, log)
         if checkpointing:
             trainer.save_checkpoint(done, pipeline.state_dict())
             last_saved = done
