@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 from helpers import DIST_VARIABLES, forward_inputs, write_lpips_weights, write_tiny_dino
 from hidream_ft.model import SpecialTokens, load_hf_config, load_model, load_tokenizer
@@ -70,3 +71,18 @@ def dino_path(tmp_path_factory):
 def lpips_path(tmp_path_factory):
     """Tiny-model-independent random LPIPS (AlexNet) weights in the lpips package's layout."""
     return write_lpips_weights(tmp_path_factory.mktemp("lpips") / "alex.pth")
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_checkpoint, tokenizer, tmp_path_factory):
+    """A run folder whose ``adapter/`` is a PEFT LoRA of the tiny model with random B, so that it changes images."""
+    base = load_model(tiny_checkpoint, dtype=torch.float32, tokenizer=tokenizer)
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=2, target_modules=r".*mlp\.(up_proj|down_proj)"))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    run = tmp_path_factory.mktemp("run-style")
+    peft_model.save_pretrained(run / "adapter")
+    return run

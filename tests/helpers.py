@@ -20,9 +20,9 @@ from transformers import Dinov2Config, Dinov2Model
 from hidream_ft.config import load_config
 from hidream_ft.data import Sample, build_pipeline, list_of_samples
 from hidream_ft.model import SpecialTokens, build_t2i_layout, load_hf_config, load_tokenizer
-from hidream_ft.parallel.distributed import init_distributed
+from hidream_ft.parallel.distributed import init_distributed, shutdown
 from hidream_ft.perceptual.lpips import LPIPS
-from hidream_ft.trainer import Trainer
+from hidream_ft.trainer import Trainer, run
 
 TESTS = Path(__file__).resolve().parent
 WORKERS = TESTS / "workers"
@@ -45,6 +45,20 @@ def make_trainer(checkpoint: Path, output_dir: Path, *overrides: str) -> Trainer
     process, every rank under torchrun."""
     cfg = load_config(None, [*tiny_overrides(checkpoint, output_dir), "optim.lr=3e-3", *overrides])
     return Trainer(cfg, init_distributed())
+
+
+def train_tiny(checkpoint: Path, output_dir: Path, steps: int, *overrides: str) -> dict:
+    """``hidream_ft.trainer.run`` in this process (a one-rank group) on the tiny checkpoint for ``steps`` steps:
+    fp32, the dense reference attention, a checkpoint every 2 steps, every step logged, data read in this
+    process; ``overrides`` give the data and the rest."""
+    cfg = load_config(None, [
+        *tiny_overrides(checkpoint, output_dir), "logging.log_every=1", f"train.max_steps={steps}",
+        "checkpoint.every=2", "model.attention='dense'", "data.num_workers=0", "data.max_text_tokens=48", *overrides,
+    ])
+    try:
+        return run(cfg)
+    finally:
+        shutdown()
 
 
 def write_config(tmp_path: Path, text: str = "") -> Path:

@@ -6,30 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from PIL import Image
 
 from hidream_ft.data.demo import write_demo_dataset
 from hidream_ft.evaluate import ColumnScores, main, markdown_table, mean_similarity, table_header, table_rows
 from hidream_ft.inference.grid import GridGeometry
-from hidream_ft.model import load_model
 
 SIZE = 64
 FAST = ["--steps", "1", "--cfg", "1", "--size", f"{SIZE}x{SIZE}", "--seed", "3"]
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_checkpoint, tokenizer, tmp_path_factory):
-    base = load_model(tiny_checkpoint, dtype=torch.float32, tokenizer=tokenizer)
-    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=2, target_modules=r".*mlp\.(up_proj|down_proj)"))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5)
-    run = tmp_path_factory.mktemp("run-style")
-    peft_model.save_pretrained(run / "adapter")
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import WORKERS, run_python, tensorboard_scalars, tiny_overrides
+from helpers import WORKERS, run_python, tensorboard_scalars, train_tiny
 from hidream_ft.config import ConfigError, DataConfig, FolderSource, ValidationConfig, load_config
 from hidream_ft.data.collate import TrainCollator
 from hidream_ft.data.demo import write_demo_dataset
@@ -154,19 +154,8 @@ def training_folders(tmp_path_factory):
 
 def train(tiny_checkpoint, training_folders, heldout_folders, output, steps, *overrides):
     """A packed LoRA run (data.max_tokens) of ``steps`` steps, a checkpoint every 2."""
-    from hidream_ft.parallel.distributed import shutdown
-    from hidream_ft.trainer import run
-
-    cfg = load_config(None, [
-        *tiny_overrides(tiny_checkpoint, output), "logging.log_every=1", f"train.max_steps={steps}",
-        "checkpoint.every=2", "model.attention='dense'", "data.num_workers=0", "data.buckets=[[64, 64], [96, 64]]",
-        "data.max_text_tokens=48", "data.max_tokens=256",
-        f"data.folders=['{training_folders / 'square'}', '{training_folders / 'wide'}']", *overrides,
-    ])
-    try:
-        return run(cfg)
-    finally:
-        shutdown()
+    return train_tiny(tiny_checkpoint, output, steps, "data.buckets=[[64, 64], [96, 64]]", "data.max_tokens=256",
+                      f"data.folders=['{training_folders / 'square'}', '{training_folders / 'wide'}']", *overrides)
 
 
 def test_training_is_unchanged_by_the_held_out_loss_and_resumes_exactly(tiny_checkpoint, training_folders,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import drain_pipeline, quantized_pixels, tiny_overrides
+from helpers import drain_pipeline, quantized_pixels, train_tiny
 from hidream_ft.config import ConfigError, DataConfig, DataStage, FolderSource, load_config
 from hidream_ft.data import Sample, build_pipeline
 from hidream_ft.data.demo import write_demo_dataset
@@ -284,23 +284,13 @@ def test_a_sample_over_the_budget_is_a_config_error_naming_its_bucket(mixed_fold
 
 
 def test_packed_training_run_trains_and_resumes_exactly(tiny_checkpoint, tmp_path, mixed_folders):
-    from hidream_ft.parallel.distributed import shutdown
-    from hidream_ft.trainer import run
-
     root = mixed_folders
     folders = (f"data.folders=['{root / 'square'}', '{root / 'wide'}', '{root / 'tall'}', "
                f"{{path='{root / 'edit'}', control_dir='{root / 'source'}'}}]")
 
     def train(output, steps):
-        cfg = load_config(None, [
-            *tiny_overrides(tiny_checkpoint, tmp_path / output), "logging.tensorboard=false", "logging.log_every=1",
-            f"train.max_steps={steps}", "checkpoint.every=2", "model.attention='dense'", "data.num_workers=0",
-            "data.buckets=[[64, 64], [96, 64], [64, 96]]", "data.max_text_tokens=48", "data.max_tokens=256", folders,
-        ])
-        try:
-            return run(cfg)
-        finally:
-            shutdown()
+        return train_tiny(tiny_checkpoint, tmp_path / output, steps, "logging.tensorboard=false",
+                          "data.buckets=[[64, 64], [96, 64], [64, 96]]", "data.max_tokens=256", folders)
 
     full = train("full", 4)
     assert full["step"] == 4 and full["skipped"] == 0 and sorted(full["history"]) == [1, 2, 3, 4]

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 from helpers import (
     CAPTIONS, WORKERS, drain_pipeline, edit_samples, make_trainer, noise_samples, run_python, set_flags, t2i_samples,
-    tiny_overrides,
+    train_tiny,
 )
 from hidream_ft.config import ConfigError, DataConfig, RegularizationConfig, load_config
 from hidream_ft.data.collate import TrainCollator
@@ -22,10 +22,9 @@ from hidream_ft.data.planner import EpochPlanner, Mixing, PackedSamples, mixed_c
 from hidream_ft.data.samples import Sample
 from hidream_ft.model.conditioning import ConditionProcessor
 from hidream_ft.parallel import fsdp
-from hidream_ft.parallel.distributed import shutdown
 from hidream_ft.preservation import preservation_loss, preservation_prompts
+from hidream_ft.trainer import check_inputs, compute_loss
 from test_compile import GraphCalls, caption, fresh_dynamo  # noqa: F401 (a fixture)
-from hidream_ft.trainer import check_inputs, compute_loss, run
 
 
 def mixed_config(tmp_path, ratio=0.25, weight=0.5, **data) -> DataConfig:
@@ -219,18 +218,11 @@ def test_a_run_with_both_options_trains_and_resumes_exactly(tiny_checkpoint, tmp
     data = mixed_config(tmp_path)
 
     def train(output, steps):
-        cfg = load_config(None, [
-            *tiny_overrides(tiny_checkpoint, tmp_path / output), "logging.tensorboard=false", "logging.log_every=1",
-            f"train.max_steps={steps}", "checkpoint.every=2", "model.attention='dense'", "data.num_workers=0",
-            "data.buckets=[[64, 64]]", "data.max_text_tokens=48", "data.max_tokens=200",
-            f"data.folders=['{data.folders[0].path}']",
+        return train_tiny(
+            tiny_checkpoint, tmp_path / output, steps, "logging.tensorboard=false", "data.buckets=[[64, 64]]",
+            "data.max_tokens=200", f"data.folders=['{data.folders[0].path}']",
             f"data.regularization.folders=['{data.regularization.folders[0].path}']",
-            "data.regularization.ratio=0.25", "data.regularization.weight=0.5", f"preservation.prompts={PROMPTS}",
-        ])
-        try:
-            return run(cfg)
-        finally:
-            shutdown()
+            "data.regularization.ratio=0.25", "data.regularization.weight=0.5", f"preservation.prompts={PROMPTS}")
 
     full = train("full", 4)
     assert full["step"] == 4 and full["skipped"] == 0 and sorted(full["history"]) == [1, 2, 3, 4]

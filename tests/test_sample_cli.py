@@ -5,12 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from PIL import Image
 
 from hidream_ft.inference.grid import GridGeometry, compose_grid, wrap_text
 from hidream_ft.lora import lora_label
-from hidream_ft.model import load_model
 from hidream_ft.sample import main
 
 FAST = ["--steps", "2", "--size", "64x64"]
@@ -20,20 +18,6 @@ def sample(tmp_path, name, *args) -> bytes:
     out = tmp_path / name
     main([*args, "--out", str(out)])
     return out.read_bytes()
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_checkpoint, tokenizer, tmp_path_factory):
-    base = load_model(tiny_checkpoint, dtype=torch.float32, tokenizer=tokenizer)
-    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=2, target_modules=r".*mlp\.(up_proj|down_proj)"))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5)
-    run = tmp_path_factory.mktemp("run-style")
-    peft_model.save_pretrained(run / "adapter")
-    return run
 
 
 def test_same_seed_same_bytes_and_lora_changes_them(tmp_path, tiny_checkpoint, adapter_dir):
