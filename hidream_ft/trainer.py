@@ -214,13 +214,16 @@ class Trainer:
         loss_sum = torch.zeros((), device=device)
         preservation = self.cfg.preservation
         preserving = preservation.enabled and self.step_index % preservation.every == 0
+        preservation_sum = torch.zeros(int(preserving), device=device)  # unweighted, logged on its own
         for index, batch in enumerate(micro_batches):
             if isinstance(self.base, FSDPModule):
                 self.base.set_requires_gradient_sync(index == len(micro_batches) - 1)
             batch = batch.to(device)
             loss = compute_loss(self.model, batch, self.cfg.diffusion, self.perceptual)
             if preserving:  # included in the logged loss
-                loss = loss + preservation.weight * preservation_loss(self.model, batch, self.cfg.diffusion)
+                kept = preservation_loss(self.model, batch, self.cfg.diffusion)
+                preservation_sum += kept.detach()
+                loss = loss + preservation.weight * kept
             if self.cfg.optim.fused_backward:  # the update runs in backward (one micro-batch, no clipping)
                 self.optimizer.begin_backward(loss)
             (loss / len(micro_batches)).backward()
@@ -228,7 +231,8 @@ class Trainer:
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        term_sums = self.perceptual.take_sums() if self.perceptual else torch.zeros(0, device=device)
+        term_sums = torch.cat([self.perceptual.take_sums() if self.perceptual else torch.zeros(0, device=device),
+                               preservation_sum])
         summed = torch.stack([loss_sum, *term_sums,
                               *(torch.full((), float(value), device=device) for value in sums())])
         dist.all_reduce(summed)
@@ -248,7 +252,7 @@ class Trainer:
         if self.ema is not None and self.step_index % self.cfg.ema.every == 0:
             self.ema.update(skip)
         values = torch.stack([loss, grad_norm.to(loss.dtype), self._skipped_in_a_row.to(loss.dtype), *votes])
-        names = self.perceptual.names if self.perceptual else []
+        names = [*(self.perceptual.names if self.perceptual else []), *(["preservation"] if preserving else [])]
         self.flush()
         if read:
             reading = self._take(self.step_index, [value.item() for value in values.cpu()])

@@ -64,6 +64,8 @@ def test_two_fsdp_ranks_train_every_option_together_and_resume_bitwise(tiny_chec
         assert all(value > 0 for value in values.values()), (tag, values)
         assert tensorboard_scalars(resumed, tag) == values, tag
     assert tensorboard_scalars(straight, "val/loss")[2] != tensorboard_scalars(straight, "val/loss")[4]
+    kept = tensorboard_scalars(straight, "train/preservation_loss")
+    assert kept[1] == 0 < kept[STEPS] and tensorboard_scalars(resumed, "train/preservation_loss") == kept
 
     for folder in ("adapter", "adapter-ema"):
         assert adapter_tensors(resumed, folder) == adapter_tensors(straight, folder), folder

@@ -147,9 +147,11 @@ def test_preservation_is_zero_for_a_fresh_adapter_and_grows_with_training(tiny_c
     assert float(fresh) == 0.0
     off = make_trainer(tiny_checkpoint, tmp_path / "off", f"lora.kind='{kind}'")
     # A fresh adapter adds exactly nothing: the first step's loss is the plain diffusion loss.
-    assert trainer.step([batch])["loss"] == off.step([batch])["loss"]
+    first = trainer.step([batch])
+    assert first["loss"] == off.step([batch])["loss"] and first["terms"] == {"preservation": 0.0}
     for _ in range(3):
-        trainer.step([batch])
+        logged = trainer.step([batch])["terms"]["preservation"]  # the term alone, unweighted
+    assert logged > 0
     trainer.model.zero_grad(set_to_none=True)
     trained = preservation_loss(trainer.model, batch, diffusion)
     assert float(trained.detach()) > 0
