@@ -393,9 +393,9 @@ def perceptual_counts(trainer: Trainer, batch, steps: int) -> dict[str, float]:
     sigmas = torch.full((batch.size,), 0.5, device=device)
 
     def terms_forward_backward():
-        trainer.perceptual(prediction, x0, sigmas, batch.layout.target_grids, batch.packed_target_counts,
-                           batch.weights).backward()
-        trainer.perceptual.take_sums()
+        perceptual = trainer.perceptual
+        perceptual.weighted(perceptual.terms(prediction, x0, sigmas, batch.layout.target_grids,
+                                             batch.packed_target_counts, batch.weights)).backward()
 
     flops = FlopCounterMode(display=False)
     with flops:

@@ -144,10 +144,15 @@ def build_model(cfg: Config, env: DistEnv, tokenizer, load=load_model):
     return model, model
 
 
-def compute_loss(model, batch: TrainBatch, diffusion: DiffusionConfig,
-                 perceptual: PerceptualLoss | None = None) -> torch.Tensor:
-    """One micro-batch: draw σ and ε, noise the target, predict x0, MSE on the target tokens, plus the weighted
-    perceptual terms on the predicted images when ``perceptual`` is given."""
+def compute_loss(model, batch: TrainBatch, diffusion: DiffusionConfig) -> torch.Tensor:
+    """One micro-batch: draw σ and ε, noise the target, predict x0, MSE on the target tokens."""
+    return compute_loss_and_terms(model, batch, diffusion)[0]
+
+
+def compute_loss_and_terms(model, batch: TrainBatch, diffusion: DiffusionConfig,
+                           perceptual: PerceptualLoss | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`compute_loss` plus the weighted perceptual terms on the predicted images when ``perceptual`` is
+    given; also those terms unweighted, by name (for logging)."""
     x0 = batch.x0
     counts = batch.packed_target_counts
     z, sigmas, output = batch.noised(diffusion)
@@ -156,9 +161,10 @@ def compute_loss(model, batch: TrainBatch, diffusion: DiffusionConfig,
     loss = diffusion_loss(x_pred, x0, sigmas, kind=diffusion.loss, sigma_floor=diffusion.velocity_sigma_floor,
                           token_weights=batch.token_weights, sample_weights=batch.weights, token_counts=counts)
     if perceptual is None:
-        return loss
-    return loss + perceptual(x_pred, x0, sigmas, batch.layout.target_grids, counts, batch.weights,
+        return loss, {}
+    terms = perceptual.terms(x_pred, x0, sigmas, batch.layout.target_grids, counts, batch.weights,
                              batch.token_weights)
+    return loss + perceptual.weighted(terms), terms
 
 
 class Trainer:
@@ -214,16 +220,17 @@ class Trainer:
         loss_sum = torch.zeros((), device=device)
         preservation = self.cfg.preservation
         preserving = preservation.enabled and self.step_index % preservation.every == 0
-        preservation_sum = torch.zeros(int(preserving), device=device)  # unweighted, logged on its own
+        term_sums: dict[str, torch.Tensor] = {}  # each term unweighted, logged on its own
         for index, batch in enumerate(micro_batches):
             if isinstance(self.base, FSDPModule):
                 self.base.set_requires_gradient_sync(index == len(micro_batches) - 1)
             batch = batch.to(device)
-            loss = compute_loss(self.model, batch, self.cfg.diffusion, self.perceptual)
+            loss, terms = compute_loss_and_terms(self.model, batch, self.cfg.diffusion, self.perceptual)
             if preserving:  # included in the logged loss
-                kept = preservation_loss(self.model, batch, self.cfg.diffusion)
-                preservation_sum += kept.detach()
-                loss = loss + preservation.weight * kept
+                terms["preservation"] = preservation_loss(self.model, batch, self.cfg.diffusion)
+                loss = loss + preservation.weight * terms["preservation"]
+            for name, value in terms.items():
+                term_sums[name] = term_sums.get(name, 0) + value.detach()
             if self.cfg.optim.fused_backward:  # the update runs in backward (one micro-batch, no clipping)
                 self.optimizer.begin_backward(loss)
             (loss / len(micro_batches)).backward()
@@ -231,13 +238,11 @@ class Trainer:
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        term_sums = torch.cat([self.perceptual.take_sums() if self.perceptual else torch.zeros(0, device=device),
-                               preservation_sum])
-        summed = torch.stack([loss_sum, *term_sums,
+        summed = torch.stack([loss_sum, *term_sums.values(),
                               *(torch.full((), float(value), device=device) for value in sums())])
         dist.all_reduce(summed)
         loss = summed[0] / (len(micro_batches) * self.env.world_size)
-        terms = summed[1:1 + len(term_sums)] / (len(micro_batches) * self.env.world_size)
+        term_means = summed[1:1 + len(term_sums)] / (len(micro_batches) * self.env.world_size)
         votes = summed[1 + len(term_sums):]
         # Both numbers are global (all-reduced), so every rank skips the same steps.
         skip = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
@@ -252,17 +257,16 @@ class Trainer:
         if self.ema is not None and self.step_index % self.cfg.ema.every == 0:
             self.ema.update(skip)
         values = torch.stack([loss, grad_norm.to(loss.dtype), self._skipped_in_a_row.to(loss.dtype), *votes])
-        names = [*(self.perceptual.names if self.perceptual else []), *(["preservation"] if preserving else [])]
         self.flush()
         if read:
             reading = self._take(self.step_index, [value.item() for value in values.cpu()])
             # The host has waited for this step already: reading the terms waits for nothing more.
             return {"loss": reading.loss, "grad_norm": reading.grad_norm, "lr": lr, "sums": reading.sums,
-                    "terms": dict(zip(names, terms.tolist()))}
+                    "terms": dict(zip(term_sums, term_means.tolist()))}
         self._unread = (self.step_index, HostCopy(values))
         if not self.lag_reads:
             self.flush()
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "terms": dict(zip(names, terms))}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "terms": dict(zip(term_sums, term_means))}
 
     def flush(self) -> None:
         """Read the values of the step that was left unread (waiting for that step only)."""
@@ -444,13 +448,16 @@ def train_locked(cfg: Config, env: DistEnv, preemption: PreemptionHandler, lock:
     if start_step >= cfg.train.max_steps:
         preemption.uninstall()
         return finish_complete_run(trainer, start_step)
-    collate = TrainCollator(trainer.tokenizer, trainer.tokens, cfg.data.max_text_tokens,
-                            ConditionProcessor.from_pretrained(cfg.model.path), preservation_prompts(cfg.preservation))
+    processor = ConditionProcessor.from_pretrained(cfg.model.path)
+    collate = TrainCollator(trainer.tokenizer, trainer.tokens, cfg.data.max_text_tokens, processor,
+                            preservation_prompts(cfg.preservation))
     pipeline = build_pipeline(cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
                               default_batch_size=cfg.train.batch_size, collate=collate)
     if data_state is not None:
         pipeline.load_state_dict(data_state)
-    heldout = HeldoutBatches(cfg.data, cfg.validation, collate) if cfg.validation.loss_every else None
+    # Held-out batches need no preservation layouts: the held-out loss is the diffusion loss alone.
+    heldout = HeldoutBatches(cfg.data, cfg.validation, TrainCollator(
+        trainer.tokenizer, trainer.tokens, cfg.data.max_text_tokens, processor)) if cfg.validation.loss_every else None
     log = MetricsLogger(output_dir, env.is_main, cfg.logging, cfg.train.max_steps, start_step)
     if start_step:
         log.info(f"resumed at step {start_step}")

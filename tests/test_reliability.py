@@ -96,7 +96,7 @@ def test_a_finished_run_extends_exactly_and_a_stale_adapter_is_replaced(demo, tm
 def test_a_signal_caught_during_a_steps_forward_stops_the_run_at_the_end_of_that_step(demo, tmp_path, monkeypatch,
                                                                                     log_every):
     import hidream_ft.trainer as trainer_module
-    forward = trainer_module.compute_loss
+    forward = trainer_module.compute_loss_and_terms
     calls = itertools.count(1)
 
     def signalled_in_step_two(*args):
@@ -104,7 +104,7 @@ def test_a_signal_caught_during_a_steps_forward_stops_the_run_at_the_end_of_that
             os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2, after its votes could have been taken
         return forward(*args)
 
-    monkeypatch.setattr(trainer_module, "compute_loss", signalled_in_step_two)
+    monkeypatch.setattr(trainer_module, "compute_loss_and_terms", signalled_in_step_two)
     with pytest.raises(SystemExit) as stopped:
         train(demo, tmp_path / "out", "train.max_steps=5", f"logging.log_every={log_every}")
     assert stopped.value.code == 75

@@ -46,14 +46,13 @@ def masked_weighted_mean(per_sample: torch.Tensor, mask: torch.Tensor, sample_we
 
 
 class PerceptualLoss:
-    """The frozen networks of ``[perceptual]`` and their weights. Calling it gives the weighted sum of the terms
-    for one micro-batch and adds their unweighted values to :attr:`sums` (on the device, for logging)."""
+    """The frozen networks of ``[perceptual]`` and their weights: :meth:`terms` gives each term's unweighted value
+    for one micro-batch, :meth:`weighted` their weighted sum, the part they add to the loss."""
 
     def __init__(self, cfg: PerceptualConfig, dino: DinoFeatures | None, lpips: LPIPS | None) -> None:
         self.cfg = cfg
         self.nets = {name: net for name, net in (("dino", dino), ("lpips", lpips)) if net is not None}
         self.weights = {"dino": cfg.dino_weight, "lpips": cfg.lpips_weight}
-        self.sums: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, cfg: PerceptualConfig, device: torch.device) -> PerceptualLoss | None:
@@ -66,10 +65,6 @@ class PerceptualLoss:
         lpips = LPIPS.load(cfg.lpips_path, cfg.lpips_net, cfg.resolution, device=device, dtype=dtype) \
             if cfg.lpips_weight > 0 else None
         return cls(cfg, dino, lpips)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.nets)
 
     def terms(self, x_pred: torch.Tensor, x0: torch.Tensor, sigmas: torch.Tensor, grids: list[tuple[int, int]],
               counts: list[int] | None, sample_weights: torch.Tensor,
@@ -87,16 +82,6 @@ class PerceptualLoss:
         return {name: masked_weighted_mean(per_sample[name](net, prediction, target), mask, sample_weights)
                 for name, net in self.nets.items()}
 
-    def __call__(self, x_pred: torch.Tensor, x0: torch.Tensor, sigmas: torch.Tensor, grids: list[tuple[int, int]],
-                 counts: list[int] | None, sample_weights: torch.Tensor,
-                 token_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Σ weight·term over :meth:`terms`."""
-        terms = self.terms(x_pred, x0, sigmas, grids, counts, sample_weights, token_weights)
-        values = torch.stack(list(terms.values()))
-        self.sums = values.detach() if self.sums is None else self.sums + values.detach()
+    def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ weight·term over :meth:`terms`' values."""
         return sum(self.weights[name] * value for name, value in terms.items())
-
-    def take_sums(self) -> torch.Tensor:
-        """The unweighted terms summed since the last call, [len(names)], in :attr:`names` order; then zero."""
-        sums, self.sums = self.sums, None
-        return sums
